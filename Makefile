@@ -1,0 +1,46 @@
+# The front door: `make` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATASET ?= $(if $(wildcard ../shared/datasets/coco128/images/train2017),../shared/datasets/coco128/images/train2017,)
+MODEL_DIR ?= models/tiny-clip-random
+
+.DEFAULT_GOAL := help
+.PHONY: help venv protos check-protos demo test clean tiny-clip
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+venv: $(BIN)/python ## Create .venv and install the project with its dev tools
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+protos: ## Generate the Python gRPC code under imgsearch/ from protos/
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		$$(find protos -name '*.proto' | sort)
+	find imgsearch -type d -exec touch {}/__init__.py \;
+
+check-protos: protos ## Fail when the generated code differs from protos/
+	git diff --exit-code -- imgsearch
+	@test -z "$$(git status --porcelain -- imgsearch)" || { git status --porcelain -- imgsearch; echo "generated code is not committed: run make protos"; exit 1; }
+
+demo: venv ## Ingest COCO128, search with one image, write demo-output/
+	$(BIN)/python -m imgsearch_client.demo --dataset '$(DATASET)' --model-dir '$(MODEL_DIR)' --out demo-output
+
+test: venv ## Run the tests
+	$(BIN)/python -m pytest
+
+clean: ## Remove demo output and caches
+	rm -rf demo-output .pytest_cache
+
+TOOLS_VENV ?= .venv-tools
+
+$(TOOLS_VENV)/bin/python:
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet torch==2.13.0 transformers==5.25.0 onnx==1.23.2
+
+tiny-clip: $(TOOLS_VENV)/bin/python ## Regenerate the tiny random CLIP test model in models/tiny-clip-random
+	$(TOOLS_VENV)/bin/python scripts/make_tiny_clip.py --out models/tiny-clip-random

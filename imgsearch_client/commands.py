@@ -1,0 +1,164 @@
+"""What each `imgsearch` subcommand does, over the client library; cli.py only parses arguments."""
+
+import collections
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Mapping
+
+from tqdm import tqdm
+
+from imgsearch_client.client import ClientError, IndexClient, IngestItem, Neighbour, check_health
+from imgsearch_client.files import find_images
+from imgsearch_client.grid import draw_grid
+from imgsearch_common.config import ConfigError
+from imgsearch_common.logs import configure_logging
+
+
+class CommandError(Exception):
+    """A command failed; the message is printed as one line."""
+
+
+def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
+    """Run the embed or index service in the foreground until SIGTERM or SIGINT."""
+    if service == "embed":
+        from embed_service import config as service_config
+        from embed_service import server as service_server
+    else:
+        from index_service import config as service_config
+        from index_service import server as service_server
+    try:
+        config = dataclasses.replace(service_config.from_env(environ), **overrides)
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    configure_logging(config.log_level)
+    service_server.run(config)
+    return 0
+
+
+def ingest(addr: str, paths: list[str], as_json: bool, timeout_s: float | None) -> int:
+    """Stream every image under paths to the index service; return 1 when any item failed."""
+    try:
+        files = list(find_images(paths))
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    counts = collections.Counter({"added": 0, "already_present": 0, "failed": 0})
+    read_errors: list[CommandError] = []
+
+    with IndexClient(addr) as client, tqdm(total=len(files), unit="image", desc="ingest", file=sys.stderr) as bar:
+        try:
+            for outcome in client.ingest(_items(files, read_errors), timeout_s=timeout_s):
+                counts[outcome.status] += 1
+                bar.update()
+                _report_outcome(outcome, as_json, bar)
+        except ClientError as error:
+            raise CommandError(f"ingest stopped after {bar.n} of {len(files)} images: {error}") from None
+    if read_errors:
+        raise read_errors[0]
+
+    summary = {"summary": True, "total": len(files), **counts}
+    if as_json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"{len(files)} images: {counts['added']} added, {counts['already_present']} already present, "
+              f"{counts['failed']} failed")
+    return 1 if counts["failed"] else 0
+
+
+def _items(files: list[pathlib.Path], read_errors: list[CommandError]):
+    """Yield an IngestItem per file; a file that cannot be read ends the stream and is kept in read_errors."""
+    for path in files:
+        try:
+            image = _read(path)
+        except CommandError as error:
+            read_errors.append(error)
+            return
+        yield IngestItem(image=image, uri=str(path.resolve()))
+
+
+def _read(path: pathlib.Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise CommandError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _report_outcome(outcome, as_json: bool, bar: tqdm) -> None:
+    if as_json:
+        record = {"uri": outcome.uri, "item_id": outcome.item_id, "status": outcome.status}
+        if outcome.failed:
+            record["error"] = {"code": outcome.error_code, "message": outcome.error_message}
+        bar.clear()
+        print(json.dumps(record), flush=True)
+        bar.refresh()
+    elif outcome.failed:
+        bar.write(f"failed: {outcome.uri}: {outcome.error_code}: {outcome.error_message}", file=sys.stderr)
+
+
+def search(args) -> int:
+    """Search with an image file or a stored item_id and print the neighbours, best first."""
+    if (args.image is None) == (args.item_id is None):
+        raise CommandError("give either an IMAGE file or --item-id, not both or neither")
+    query = _read(pathlib.Path(args.image)) if args.image else None
+    with IndexClient(args.addr, timeout_s=args.timeout) as client:
+        try:
+            neighbours = client.search(image=query, item_id=args.item_id, k=args.k, min_score=args.min_score)
+        except (ClientError, ValueError) as error:
+            raise CommandError(str(error)) from None
+
+    if args.json:
+        print(json.dumps(neighbours_to_json(neighbours), indent=2))
+    else:
+        for rank, neighbour in enumerate(neighbours, start=1):
+            print(f"{rank:3d}  {neighbour.score:+.4f}  {neighbour.item_id}  {neighbour.uri}")
+    if args.grid:
+        draw_grid(query, [(_read_if_local(n.uri), f"{n.score:.4f}") for n in neighbours], args.grid)
+    return 0
+
+
+def neighbours_to_json(neighbours: list[Neighbour]) -> dict[str, list[dict[str, object]]]:
+    """Return the JSON document that `search --json` prints."""
+    return {"neighbours": [dataclasses.asdict(neighbour) for neighbour in neighbours]}
+
+
+def _read_if_local(uri: str) -> bytes | None:
+    path = pathlib.Path(uri)
+    return path.read_bytes() if uri and path.is_file() else None
+
+
+def stats(addr: str, as_json: bool, timeout_s: float) -> int:
+    """Print the collection's statistics."""
+    with IndexClient(addr, timeout_s=timeout_s) as client:
+        try:
+            values = client.stats()
+        except ClientError as error:
+            raise CommandError(str(error)) from None
+    if as_json:
+        print(json.dumps(values))
+    else:
+        for key, value in values.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def health(addr: str, service: str, as_json: bool, timeout_s: float) -> int:
+    """Print the health status of a service; return 0 only when it is SERVING."""
+    try:
+        status = check_health(addr, service, timeout_s)
+    except ClientError as error:
+        raise CommandError(f"health check of {addr} failed: {error}") from None
+    print(json.dumps({"addr": addr, "service": service, "status": status}) if as_json else status)
+    return 0 if status == "SERVING" else 1
+
+
+def fetch_model(model: str, out: pathlib.Path, force: bool) -> int:
+    """Download real CLIP ONNX files into out."""
+    from imgsearch_client import model_fetch
+
+    try:
+        model_fetch.fetch_clip_onnx(model, out, overwrite=force)
+    except (model_fetch.FetchError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    print(f"wrote {model} to {out}")
+    return 0

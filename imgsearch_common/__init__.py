@@ -1,0 +1,1 @@
+"""Code shared by the imgsearch services and the client: errors, images, logging, serving."""

@@ -1,0 +1,89 @@
+"""gRPC server plumbing shared by both services: limits, health, reflection and shutdown."""
+
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = structlog.get_logger(__name__)
+
+# The empty service name reports the server as a whole, as the health protocol specifies.
+OVERALL = ""
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel and server options that raise gRPC's 4 MiB message limit to max_message_bytes."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def create_server(max_workers: int, max_message_bytes: int) -> grpc.Server:
+    """Create a server with a bounded thread pool and raised message limits."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=message_size_options(max_message_bytes),
+        maximum_concurrent_rpcs=max_workers * 4,
+    )
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
+    """Register the standard health and reflection services; every name starts NOT_SERVING."""
+    names = list(service_names)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in names + [OVERALL]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    return health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    """Set every named service and the overall status to SERVING or NOT_SERVING."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in list(service_names) + [OVERALL]:
+        health_servicer.set(name, status)
+
+
+def remaining_seconds(context: grpc.ServicerContext, cap: float) -> float:
+    """Return the caller's remaining time, at most cap seconds, for an outbound call's deadline."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return cap
+    return max(0.0, min(cap, remaining))
+
+
+def serve_until_signalled(
+    server: grpc.Server,
+    health_servicer: health.HealthServicer,
+    service_names: Iterable[str],
+    grace_seconds: float,
+    on_stop: Callable[[], None] = lambda: None,
+) -> None:
+    """Block until SIGTERM or SIGINT, then stop gracefully: NOT_SERVING, drain, on_stop().
+
+    The server must already be started and its health set to SERVING by the caller.
+    """
+    stop_requested = threading.Event()
+    names = list(service_names)
+
+    def _request_stop(signum, _frame):
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    stop_requested.wait()
+
+    set_serving(health_servicer, names, serving=False)
+    server.stop(grace_seconds).wait()
+    on_stop()
+    log.info("server_stopped")
