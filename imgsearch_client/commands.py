@@ -28,8 +28,9 @@ def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, obje
     else:
         from index_service import config as service_config
         from index_service import server as service_server
+    paths = {key: pathlib.Path(value) for key, value in overrides.items() if key.endswith("_dir")}
     try:
-        config = dataclasses.replace(service_config.from_env(environ), **overrides)
+        config = dataclasses.replace(service_config.from_env(environ), **{**overrides, **paths})
     except ConfigError as error:
         raise CommandError(str(error)) from None
     configure_logging(config.log_level)

@@ -6,6 +6,25 @@ import sys
 import structlog
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever sys.stderr is at the time of each record.
+
+    Test runners swap sys.stderr per test; a handler bound to the first stream would write to a
+    closed one.
+    """
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """Send structlog and stdlib records through one processor chain to stderr.
 
@@ -35,8 +54,10 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         + exception_formatter
         + [renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Pillow logs every PNG chunk it reads at debug level.
+    logging.getLogger("PIL").setLevel(max(root.level, logging.INFO))

@@ -10,6 +10,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imgsearch_common.rpc_log import RpcLogInterceptor
+
 log = structlog.get_logger(__name__)
 
 # The empty service name reports the server as a whole, as the health protocol specifies.
@@ -25,10 +27,15 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def create_server(max_workers: int, max_message_bytes: int) -> grpc.Server:
-    """Create a server with a bounded thread pool and raised message limits."""
+    """Create a server with a bounded thread pool, raised message limits and one log line per RPC.
+
+    SO_REUSEPORT is off, so a second server on a port that is in use fails to start instead of
+    sharing the port.
+    """
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=message_size_options(max_message_bytes),
+        interceptors=[RpcLogInterceptor()],
+        options=message_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 4,
     )
 

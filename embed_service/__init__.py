@@ -1,0 +1,1 @@
+"""The embed service: a gRPC server that turns images into L2-normalised CLIP embeddings."""

@@ -1,0 +1,528 @@
+"""The collection core: ingest, search and stats over the store, the faiss index and an embedder."""
+
+import dataclasses
+import enum
+import hashlib
+import math
+import secrets
+import threading
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import structlog
+
+from imgsearch_common.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    ImgsearchError,
+    InvalidInputError,
+    NotFoundError,
+    TooLargeError,
+    UnavailableError,
+)
+from imgsearch_common.images import describe_image
+from index_service.embedder import Embedder, Embedding
+from index_service.store import NewItem, Store, StoredItem
+from index_service.vector_index import Hit, VectorIndex
+
+log = structlog.get_logger(__name__)
+
+MAX_ITEM_ID_CHARS = 256
+ASSIGNED_ID_PREFIX = "img_"
+_ASSIGNED_ID_RANDOM_BYTES = 10  # 20 hex characters
+_SETTING_MODEL_ID = "model_id"
+_SETTING_DIM = "dim"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionLimits:
+    """Limits that the collection enforces on requests."""
+
+    default_k: int = 10
+    max_k: int = 1000
+    max_image_bytes: int = 24 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestItem:
+    """One image to add, with its optional caller-chosen item_id, uri and metadata."""
+
+    image: bytes
+    item_id: str = ""
+    uri: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+class IngestStatus(enum.Enum):
+    """Outcome of one ingested item."""
+
+    ADDED = "added"
+    ALREADY_PRESENT = "already_present"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    """The outcome of one ingested item; error is set only when status is FAILED."""
+
+    status: IngestStatus
+    item_id: str = ""
+    error: ImgsearchError | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageQuery:
+    """A search by an encoded image, which the embedder embeds."""
+
+    image: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorQuery:
+    """A search by an embedding; model_id, when not empty, must match the collection's."""
+
+    values: Sequence[float]
+    model_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemQuery:
+    """A search by the stored embedding of an item."""
+
+    item_id: str
+
+
+Query = ImageQuery | VectorQuery | ItemQuery
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbour:
+    """A stored item found by a search, with its cosine similarity score to the query."""
+
+    item_id: str
+    score: float
+    uri: str
+    metadata: dict[str, str]
+    width: int
+    height: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionStats:
+    """Counts and settings of the collection; dim is 0 and model_id empty until the first add."""
+
+    item_count: int
+    dim: int
+    model_id: str
+    index_type: str
+    index_device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """A valid ingest item that may become a new stored item."""
+
+    position: int
+    item_id: str
+    sha256: str
+    uri: str
+    width: int
+    height: int
+    metadata: dict[str, str]
+    image: bytes
+
+
+class Collection:
+    """Images' embeddings in a faiss index, backed by a durable store that is the source of truth.
+
+    Call load() once before serving. Ingest and search may run from many threads.
+    """
+
+    def __init__(self, store: Store, vector_index: VectorIndex, embedder: Embedder, limits: CollectionLimits):
+        self._store = store
+        self._index = vector_index
+        self._embedder = embedder
+        self._limits = limits
+        # Serialises the re-check, store write and index add of ingests, so that concurrent
+        # streams cannot store the same bytes or item_id twice.
+        self._commit_lock = threading.Lock()
+        self._model_id: str | None = None
+        self._dim: int | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The model whose embeddings the collection contains; empty until the first add."""
+        return self._model_id or ""
+
+    def load(self) -> int:
+        """Rebuild the faiss index from every vector in the store and return the item count."""
+        settings = self._store.settings()
+        self._model_id = settings.get(_SETTING_MODEL_ID)
+        self._dim = int(settings[_SETTING_DIM]) if _SETTING_DIM in settings else None
+
+        item_count = 0
+        for row_ids, vectors in self._store.vector_batches():
+            self._index.add(row_ids, vectors)
+            item_count += len(row_ids)
+        log.info("index_loaded", item_count=item_count, model_id=self._model_id, dim=self._dim)
+        return item_count
+
+    def check_embedder(self, timeout_s: float) -> None:
+        """Log the embedder's model, or a warning when it is unreachable or differs from the collection's."""
+        try:
+            info = self._embedder.model_info(timeout_s)
+        except ImgsearchError as error:
+            log.warning("embed_service_unreachable", error=str(error))
+            return
+        if self._model_id is not None and (info.model_id, info.dim) != (self._model_id, self._dim):
+            log.warning(
+                "embed_model_mismatched",
+                collection_model_id=self._model_id,
+                collection_dim=self._dim,
+                embed_model_id=info.model_id,
+                embed_dim=info.dim,
+            )
+            return
+        log.info("embed_service_checked", model_id=info.model_id, dim=info.dim, backend=info.backend)
+
+    def close(self) -> None:
+        self._embedder.close()
+        self._store.close()
+
+    def stats(self) -> CollectionStats:
+        return CollectionStats(
+            item_count=self._store.count(),
+            dim=self._dim or 0,
+            model_id=self.model_id,
+            index_type=self._index.index_type,
+            index_device=self._index.device,
+        )
+
+    # Ingest
+
+    def ingest(self, items: Sequence[IngestItem], timeout_s: float) -> list[IngestResult]:
+        """Add a batch of images and return one result per item, in order.
+
+        Items are stored in one durable transaction before they are added to the index and before
+        this returns. Bytes that are already stored, or appear earlier in the batch, come back as
+        ALREADY_PRESENT with the stored item_id and are not embedded again.
+        """
+        results: list[IngestResult | None] = [None] * len(items)
+        candidates = []
+        for position, item in enumerate(items):
+            try:
+                candidates.append(self._prepare(position, item))
+            except ImgsearchError as error:
+                results[position] = _failed(error)
+
+        candidates = self._drop_stored(candidates, results)
+        candidates, leader_by_follower = _drop_batch_duplicates(candidates, results)
+        embedded = self._embed(candidates, timeout_s, results)
+        self._commit(embedded, results)
+        for follower, leader in leader_by_follower.items():
+            results[follower] = _follow(results[leader])
+        return results
+
+    def _prepare(self, position: int, item: IngestItem) -> _Candidate:
+        if item.item_id:
+            _validate_item_id(item.item_id)
+        _check_image_bytes(item.image, self._limits.max_image_bytes)
+        info = describe_image(item.image, self._limits.max_image_pixels)
+        return _Candidate(
+            position=position,
+            item_id=item.item_id or _new_item_id(),
+            sha256=hashlib.sha256(item.image).hexdigest(),
+            uri=item.uri,
+            width=info.width,
+            height=info.height,
+            metadata=dict(item.metadata),
+            image=item.image,
+        )
+
+    def _drop_stored(self, candidates: list[_Candidate], results: list) -> list[_Candidate]:
+        """Set the results of candidates whose bytes or item_id are stored; return the others."""
+        stored_by_sha256 = self._store.items_by_sha256(c.sha256 for c in candidates)
+        stored_by_item_id = self._store.items_by_item_id(c.item_id for c in candidates)
+        remaining = []
+        for candidate in candidates:
+            if candidate.sha256 in stored_by_sha256:
+                stored = stored_by_sha256[candidate.sha256]
+                results[candidate.position] = IngestResult(IngestStatus.ALREADY_PRESENT, stored.item_id)
+            elif candidate.item_id in stored_by_item_id:
+                results[candidate.position] = _failed(_item_id_taken(candidate.item_id))
+            else:
+                remaining.append(candidate)
+        return remaining
+
+    def _embed(
+        self, candidates: list[_Candidate], timeout_s: float, results: list
+    ) -> list[tuple[_Candidate, Embedding]]:
+        """Embed the candidates in one call; set the results of those that fail, return the others."""
+        if not candidates:
+            return []
+        if timeout_s <= 0:
+            error = DeadlineExceededError("the deadline ran out before the images could be embedded")
+            for candidate in candidates:
+                results[candidate.position] = _failed(error)
+            return []
+
+        outputs = self._embedder.embed_images([c.image for c in candidates], timeout_s)
+        embedded = []
+        for candidate, output in zip(candidates, outputs, strict=True):
+            if isinstance(output, ImgsearchError):
+                results[candidate.position] = _failed(output)
+                continue
+            vector = _normalised(output.vector)
+            if vector is None:
+                results[candidate.position] = _failed(_invalid_embedding_from_service())
+                continue
+            embedded.append((candidate, Embedding(vector=vector, model_id=output.model_id)))
+        return embedded
+
+    def _commit(self, embedded: list[tuple[_Candidate, Embedding]], results: list) -> None:
+        """Store the embedded candidates in one transaction, then add them to the index."""
+        if not embedded:
+            return
+        with self._commit_lock:
+            # Another stream may have stored the same bytes or item_id while this batch was embedded.
+            still_new = {c.position for c in self._drop_stored([c for c, _ in embedded], results)}
+            embedded = [(c, e) for c, e in embedded if c.position in still_new]
+            embedded, settings = self._match_model(embedded, results)
+            if not embedded:
+                return
+
+            row_ids = self._store.add_items([_new_item(c, e) for c, e in embedded], settings)
+            if settings:
+                self._model_id, self._dim = settings[_SETTING_MODEL_ID], int(settings[_SETTING_DIM])
+            # NOTE: if this add fails (out of memory), the items stay stored but are searchable
+            # only after a restart rebuilds the index, and a retry reports them ALREADY_PRESENT.
+            self._index.add(np.array(row_ids, dtype=np.int64), np.stack([e.vector for _, e in embedded]))
+
+        for candidate, _ in embedded:
+            results[candidate.position] = IngestResult(IngestStatus.ADDED, candidate.item_id)
+        log.debug("items_added", count=len(embedded), first_row_id=row_ids[0])
+
+    def _match_model(
+        self, embedded: list[tuple[_Candidate, Embedding]], results: list
+    ) -> tuple[list[tuple[_Candidate, Embedding]], dict[str, str]]:
+        """Keep the embeddings of the collection's model and dim; the first add fixes both.
+
+        Returns the kept embeddings and the settings to store, which are empty unless this is the
+        first add.
+        """
+        model_id, dim = self._model_id, self._dim
+        settings = {}
+        if model_id is None:
+            model_id, dim = embedded[0][1].model_id, embedded[0][1].vector.shape[0]
+            settings = {_SETTING_MODEL_ID: model_id, _SETTING_DIM: str(dim)}
+
+        kept = []
+        for candidate, embedding in embedded:
+            if (embedding.model_id, embedding.vector.shape[0]) != (model_id, dim):
+                results[candidate.position] = _failed(_model_mismatch(model_id, dim, embedding))
+            else:
+                kept.append((candidate, embedding))
+        return kept, settings
+
+    # Search
+
+    def search(self, query: Query, k: int, min_score: float | None, timeout_s: float) -> list[Neighbour]:
+        """Return up to k stored items closest to the query, best first.
+
+        k 0 means the default k. Neighbours scoring below min_score, when given, are left out.
+        """
+        k = self._resolve_k(k)
+        if min_score is not None and math.isnan(min_score):
+            raise InvalidInputError("min_score is NaN; give a number in [-1, 1] or leave it unset")
+
+        vector = self._query_vector(query, timeout_s)
+        if vector is None:
+            return []
+        hits = self._index.search(vector[np.newaxis, :], k)[0]
+        if min_score is not None:
+            hits = [hit for hit in hits if hit.score >= min_score]
+        return self._neighbours(hits)
+
+    def _resolve_k(self, k: int) -> int:
+        if k < 0:
+            raise InvalidInputError(f"k must not be negative, got {k}")
+        if k > self._limits.max_k:
+            raise InvalidInputError(f"k is {k}, above the limit of {self._limits.max_k}; ask for fewer neighbours")
+        return k or self._limits.default_k
+
+    def _query_vector(self, query: Query, timeout_s: float) -> np.ndarray | None:
+        """Return the normalised query vector, or None when the collection is empty."""
+        if isinstance(query, ItemQuery):
+            return self._stored_vector(query.item_id)
+        if isinstance(query, VectorQuery):
+            return self._checked_query_vector(query)
+        if isinstance(query, ImageQuery):
+            return self._embedded_query(query.image, timeout_s)
+        raise TypeError(f"unsupported query type {type(query).__name__}")
+
+    def _stored_vector(self, item_id: str) -> np.ndarray:
+        if not item_id:
+            raise InvalidInputError("item_id is empty; give the item_id of a stored item")
+        stored = self._store.items_by_item_id([item_id]).get(item_id)
+        if stored is None:
+            raise NotFoundError(f"item_id {item_id!r} not found in the collection")
+        return stored.vector
+
+    def _checked_query_vector(self, query: VectorQuery) -> np.ndarray | None:
+        values = np.asarray(query.values, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0:
+            raise InvalidInputError("embedding has no values; send a vector with one value per dim")
+        if not np.all(np.isfinite(values)):
+            raise InvalidInputError("embedding contains NaN or infinite values")
+        vector = _normalised(values)
+        if vector is None:
+            raise InvalidInputError("embedding is all zeros, so it has no direction to search along")
+        if self._dim is None:
+            return None
+        if values.size != self._dim:
+            raise InvalidInputError(f"embedding has dim {values.size}, but the collection contains dim {self._dim}")
+        if query.model_id and query.model_id != self._model_id:
+            raise InvalidInputError(
+                f"embedding is from model {query.model_id!r}, but the collection contains model {self._model_id!r}"
+            )
+        return vector
+
+    def _embedded_query(self, image: bytes, timeout_s: float) -> np.ndarray | None:
+        _check_image_bytes(image, self._limits.max_image_bytes)
+        describe_image(image, self._limits.max_image_pixels)
+        if self._dim is None:
+            return None
+        if timeout_s <= 0:
+            raise DeadlineExceededError("the deadline ran out before the query image could be embedded")
+
+        output = self._embedder.embed_images([image], timeout_s)[0]
+        if isinstance(output, ImgsearchError):
+            raise output
+        if (output.model_id, output.vector.shape[0]) != (self._model_id, self._dim):
+            raise _model_mismatch(self._model_id, self._dim, output)
+        vector = _normalised(output.vector)
+        if vector is None:
+            raise _invalid_embedding_from_service()
+        return vector
+
+    def _neighbours(self, hits: list[Hit]) -> list[Neighbour]:
+        stored_by_row_id = self._store.items_by_row_id(hit.row_id for hit in hits)
+        neighbours = []
+        for hit in hits:
+            stored = stored_by_row_id.get(hit.row_id)
+            if stored is None:
+                log.warning("search_hit_not_stored", row_id=hit.row_id)
+                continue
+            neighbours.append(_neighbour(stored, hit.score))
+        return neighbours
+
+
+def _drop_batch_duplicates(
+    candidates: list[_Candidate], results: list
+) -> tuple[list[_Candidate], dict[int, int]]:
+    """Keep the first candidate of each sha256 and item_id in the batch.
+
+    Returns the kept candidates and, for each later candidate with the same bytes, the position of
+    the first one, whose result it will follow. A later candidate that reuses an item_id with other
+    bytes fails with AlreadyExistsError.
+    """
+    leader_by_sha256: dict[str, int] = {}
+    claimed_item_ids = set()
+    kept = []
+    leader_by_follower = {}
+    for candidate in candidates:
+        if candidate.sha256 in leader_by_sha256:
+            leader_by_follower[candidate.position] = leader_by_sha256[candidate.sha256]
+        elif candidate.item_id in claimed_item_ids:
+            results[candidate.position] = _failed(_item_id_taken(candidate.item_id))
+        else:
+            leader_by_sha256[candidate.sha256] = candidate.position
+            claimed_item_ids.add(candidate.item_id)
+            kept.append(candidate)
+    return kept, leader_by_follower
+
+
+def _follow(leader: IngestResult) -> IngestResult:
+    """Return the result of an item whose bytes an earlier item of the same batch carried."""
+    if leader.status is IngestStatus.FAILED:
+        return leader
+    return IngestResult(IngestStatus.ALREADY_PRESENT, leader.item_id)
+
+
+def _validate_item_id(item_id: str) -> None:
+    if len(item_id) > MAX_ITEM_ID_CHARS:
+        raise InvalidInputError(
+            f"item_id is {len(item_id)} characters long, above the limit of {MAX_ITEM_ID_CHARS}"
+        )
+    if not item_id.isprintable():
+        raise InvalidInputError(f"item_id {item_id!r} contains non-printable characters")
+    if item_id != item_id.strip():
+        raise InvalidInputError(f"item_id {item_id!r} has leading or trailing whitespace")
+
+
+def _check_image_bytes(image: bytes, max_image_bytes: int) -> None:
+    if len(image) > max_image_bytes:
+        raise TooLargeError(f"image is {len(image)} bytes, above the limit of {max_image_bytes} bytes")
+
+
+def _new_item_id() -> str:
+    return ASSIGNED_ID_PREFIX + secrets.token_hex(_ASSIGNED_ID_RANDOM_BYTES)
+
+
+def _normalised(vector: np.ndarray) -> np.ndarray | None:
+    """Return the float32 unit vector along vector, or None when it is zero or not finite."""
+    values = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(values)) if np.all(np.isfinite(values)) else 0.0
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    return (values / norm).astype(np.float32)
+
+
+def _failed(error: ImgsearchError) -> IngestResult:
+    return IngestResult(IngestStatus.FAILED, error=error)
+
+
+def _item_id_taken(item_id: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        f"item_id {item_id!r} is already used by an item with other image bytes; choose another item_id"
+    )
+
+
+def _model_mismatch(model_id: str | None, dim: int | None, embedding: Embedding) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"the collection contains embeddings of model {model_id!r} (dim {dim}), but the embed service sent "
+        f"model {embedding.model_id!r} (dim {embedding.vector.shape[0]}); run the embed service with "
+        f"model {model_id!r} or use a new data directory"
+    )
+
+
+def _invalid_embedding_from_service() -> UnavailableError:
+    return UnavailableError("the embed service sent an embedding that is all zeros or not finite")
+
+
+def _new_item(candidate: _Candidate, embedding: Embedding) -> NewItem:
+    return NewItem(
+        item_id=candidate.item_id,
+        sha256=candidate.sha256,
+        uri=candidate.uri,
+        width=candidate.width,
+        height=candidate.height,
+        metadata=candidate.metadata,
+        vector=embedding.vector,
+        model_id=embedding.model_id,
+    )
+
+
+def _neighbour(stored: StoredItem, score: float) -> Neighbour:
+    return Neighbour(
+        item_id=stored.item_id,
+        score=score,
+        uri=stored.uri,
+        metadata=stored.metadata,
+        width=stored.width,
+        height=stored.height,
+        sha256=stored.sha256,
+    )

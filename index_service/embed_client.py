@@ -1,0 +1,110 @@
+"""The embedder that calls the embed service over gRPC."""
+
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+import structlog
+
+from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
+from imgsearch_common import errors
+from imgsearch_common.serving import message_size_options
+from index_service.embedder import Embedding, ModelInfo
+
+log = structlog.get_logger(__name__)
+
+# Status codes of the embed service's per-item errors, mapped back to the domain exceptions that
+# raised them there. Any other code means the embed service failed, so the item is unavailable.
+_ERROR_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT.value[0]: errors.InvalidInputError,
+    grpc.StatusCode.NOT_FOUND.value[0]: errors.NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS.value[0]: errors.AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION.value[0]: errors.FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: errors.TooLargeError,
+    grpc.StatusCode.UNAVAILABLE.value[0]: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED.value[0]: errors.DeadlineExceededError,
+}
+
+
+class EmbedClient:
+    """Embeds images with the embed service at address; safe to share between threads."""
+
+    def __init__(self, address: str, max_message_bytes: int):
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=message_size_options(max_message_bytes))
+        self._stub = embed_service_pb2_grpc.EmbedServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def model_info(self, timeout_s: float) -> ModelInfo:
+        """Return the embed service's model. Raises UnavailableError or DeadlineExceededError."""
+        try:
+            response = self._stub.GetModelInfo(embed_service_pb2.GetModelInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise _call_error(error, "GetModelInfo") from error
+        return ModelInfo(model_id=response.model_id, dim=response.dim, backend=response.backend)
+
+    def embed_images(
+        self, images: Sequence[bytes], timeout_s: float
+    ) -> list[Embedding | errors.ImgsearchError]:
+        """Embed images in one EmbedImages call with a deadline of timeout_s.
+
+        Returns one Embedding or ImgsearchError per image, in order. When the call itself fails,
+        every image without a response gets UnavailableError or DeadlineExceededError.
+        """
+        requests = [
+            embed_service_pb2.EmbedImagesRequest(image=image, correlation_id=str(position))
+            for position, image in enumerate(images)
+        ]
+        outputs: list[Embedding | errors.ImgsearchError] = []
+        try:
+            for response in self._stub.EmbedImages(iter(requests), timeout=timeout_s):
+                if len(outputs) == len(images):
+                    log.warning("embed_response_unexpected", images=len(images))
+                    continue
+                outputs.append(_output_of(response, expected_correlation_id=str(len(outputs))))
+        except grpc.RpcError as error:
+            failure = _call_error(error, "EmbedImages")
+            log.warning("embed_call_failed", code=error.code().name, images=len(images), received=len(outputs))
+            outputs.extend(failure for _ in range(len(images) - len(outputs)))
+            return outputs
+
+        if len(outputs) < len(images):
+            log.warning("embed_responses_missing", images=len(images), received=len(outputs))
+            failure = errors.UnavailableError(
+                f"the embed service sent {len(outputs)} responses for {len(images)} images"
+            )
+            outputs.extend(failure for _ in range(len(images) - len(outputs)))
+        return outputs
+
+
+def item_error_to_exception(code: int, code_name: str, message: str) -> errors.ImgsearchError:
+    """Convert a per-item error from the embed service into the matching domain exception."""
+    error_type = _ERROR_BY_CODE.get(code, errors.UnavailableError)
+    return error_type(f"the embed service rejected the image with {code_name}: {message}")
+
+
+def _output_of(
+    response: embed_service_pb2.EmbedImagesResponse, expected_correlation_id: str
+) -> Embedding | errors.ImgsearchError:
+    if response.correlation_id != expected_correlation_id:
+        return errors.UnavailableError(
+            f"the embed service sent responses out of order: expected correlation_id "
+            f"{expected_correlation_id!r}, got {response.correlation_id!r}"
+        )
+    result = response.WhichOneof("result")
+    if result == "error":
+        error = response.error
+        return item_error_to_exception(error.code, error.code_name, error.message)
+    if result == "embedding":
+        vector = np.asarray(response.embedding.values, dtype=np.float32)
+        return Embedding(vector=vector, model_id=response.embedding.model_id)
+    return errors.UnavailableError("the embed service sent a response with neither an embedding nor an error")
+
+
+def _call_error(error: grpc.RpcError, method: str) -> errors.ImgsearchError:
+    code = error.code()
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceededError(f"the embed service did not respond to {method} before the deadline")
+    return errors.UnavailableError(f"the embed service call {method} failed with {code.name}: {error.details()}")

@@ -1,0 +1,39 @@
+"""The embedder protocol that the collection uses to turn images into embeddings."""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from imgsearch_common.errors import ImgsearchError
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """An image's embedding as the embed service sent it, with the model that produced it."""
+
+    vector: np.ndarray
+    model_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """The model that an embedder embeds with."""
+
+    model_id: str
+    dim: int
+    backend: str
+
+
+class Embedder(Protocol):
+    """Embeds images; every method honours a timeout in seconds."""
+
+    def model_info(self, timeout_s: float) -> ModelInfo:
+        """Return the model in use. Raises UnavailableError or DeadlineExceededError."""
+
+    def embed_images(self, images: Sequence[bytes], timeout_s: float) -> list[Embedding | ImgsearchError]:
+        """Embed each image, returning its Embedding or the ImgsearchError it failed with, in order."""
+
+    def close(self) -> None:
+        """Release connections."""

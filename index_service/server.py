@@ -1,0 +1,78 @@
+"""Assembly of the index service: store, faiss index, embed client, gRPC server and health."""
+
+import grpc
+import structlog
+from grpc_health.v1 import health
+
+from imgsearch.index.v1 import index_service_pb2_grpc
+from imgsearch_common.serving import (
+    add_health_and_reflection,
+    create_server,
+    serve_until_signalled,
+    set_serving,
+)
+from index_service.collection import Collection, CollectionLimits
+from index_service.config import IndexConfig
+from index_service.embed_client import EmbedClient
+from index_service.servicer import IndexServicer
+from index_service.store import Store
+from index_service.vector_index import VectorIndex
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = "imgsearch.index.v1.IndexService"
+
+# GetModelInfo at start-up only feeds a log line, so it gets a short deadline.
+_STARTUP_CHECK_TIMEOUT_S = 2.0
+
+
+def build_server(config: IndexConfig) -> tuple[grpc.Server, health.HealthServicer, int, Collection]:
+    """Open the store, rebuild the index from it, and build a server bound to config.listen.
+
+    Returns the server (not started), its health servicer (NOT_SERVING), the bound port and the
+    collection. Raises ConfigError for a device that faiss cannot use, and RuntimeError when
+    config.listen cannot be bound.
+    """
+    vector_index = VectorIndex(device=config.device, threads=config.faiss_threads)
+    collection = Collection(
+        Store(config.data_dir),
+        vector_index,
+        EmbedClient(config.embed_addr, config.max_message_bytes),
+        _limits_of(config),
+    )
+    try:
+        collection.load()
+        server = create_server(config.max_workers, config.max_message_bytes)
+        servicer = IndexServicer(collection, config.ingest_batch_size, config.embed_timeout_s)
+        index_service_pb2_grpc.add_IndexServiceServicer_to_server(servicer, server)
+        health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
+        port = server.add_insecure_port(config.listen)
+    except BaseException:
+        collection.close()
+        raise
+    return server, health_servicer, port, collection
+
+
+def start(config: IndexConfig) -> tuple[grpc.Server, health.HealthServicer, int, Collection]:
+    """Build and start a server and report it SERVING; the caller stops it and closes the collection."""
+    server, health_servicer, port, collection = build_server(config)
+    server.start()
+    set_serving(health_servicer, [SERVICE_NAME], serving=True)
+    log.info("server_started", listen=config.listen, port=port, embed_addr=config.embed_addr)
+    return server, health_servicer, port, collection
+
+
+def run(config: IndexConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain the server and close the store."""
+    server, health_servicer, _, collection = start(config)
+    collection.check_embedder(min(_STARTUP_CHECK_TIMEOUT_S, config.embed_timeout_s))
+    serve_until_signalled(server, health_servicer, [SERVICE_NAME], config.grace_s, on_stop=collection.close)
+
+
+def _limits_of(config: IndexConfig) -> CollectionLimits:
+    return CollectionLimits(
+        default_k=config.default_k,
+        max_k=config.max_k,
+        max_image_bytes=config.max_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+    )

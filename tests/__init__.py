@@ -1,0 +1,1 @@
+"""Tests of imgsearch. The folder is a package so that shared fakes import as tests.fakes."""

@@ -1,0 +1,1 @@
+"""Stand-ins for external dependencies and synthetic inputs, shared by the tests."""

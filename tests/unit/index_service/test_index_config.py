@@ -1,0 +1,110 @@
+"""Tests of index_service.config and the command-line overrides of index_service.__main__."""
+
+from pathlib import Path
+
+import pytest
+
+from imgsearch_common.config import ConfigError
+from index_service.__main__ import parse_args
+from index_service.config import IndexConfig, from_env
+
+
+def test_from_env_defaults():
+    config = from_env({})
+
+    assert config == IndexConfig()
+    assert config.listen == "127.0.0.1:50052"
+    assert config.embed_addr == "127.0.0.1:50051"
+    assert config.data_dir == Path("data/index")
+    assert config.max_message_bytes == 32 * 1024 * 1024
+    assert config.max_image_bytes == 24 * 1024 * 1024
+    assert config.max_image_pixels == 50_000_000
+    assert config.device == "auto"
+
+
+def test_from_env_reads_every_variable():
+    environ = {
+        "IMGSEARCH_INDEX_LISTEN": "127.0.0.1:6000",
+        "IMGSEARCH_INDEX_EMBED_ADDR": "127.0.0.1:6001",
+        "IMGSEARCH_INDEX_DATA_DIR": "/tmp/index-data",
+        "IMGSEARCH_INDEX_EMBED_TIMEOUT_S": "2.5",
+        "IMGSEARCH_INDEX_DEFAULT_K": "5",
+        "IMGSEARCH_INDEX_MAX_K": "50",
+        "IMGSEARCH_INDEX_INGEST_BATCH_SIZE": "4",
+        "IMGSEARCH_INDEX_MAX_MESSAGE_BYTES": "2000000",
+        "IMGSEARCH_INDEX_MAX_IMAGE_BYTES": "1000000",
+        "IMGSEARCH_INDEX_MAX_IMAGE_PIXELS": "1000",
+        "IMGSEARCH_INDEX_MAX_WORKERS": "3",
+        "IMGSEARCH_INDEX_DEVICE": "cpu",
+        "IMGSEARCH_INDEX_FAISS_THREADS": "2",
+        "IMGSEARCH_INDEX_GRACE_S": "0.5",
+        "IMGSEARCH_INDEX_LOG_LEVEL": "debug",
+    }
+
+    config = from_env(environ)
+
+    assert config == IndexConfig(
+        listen="127.0.0.1:6000",
+        embed_addr="127.0.0.1:6001",
+        data_dir=Path("/tmp/index-data"),
+        embed_timeout_s=2.5,
+        default_k=5,
+        max_k=50,
+        ingest_batch_size=4,
+        max_message_bytes=2_000_000,
+        max_image_bytes=1_000_000,
+        max_image_pixels=1000,
+        max_workers=3,
+        device="cpu",
+        faiss_threads=2,
+        grace_s=0.5,
+        log_level="debug",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_K", "many"),
+        ("MAX_K", "0"),
+        ("INGEST_BATCH_SIZE", "0"),
+        ("EMBED_TIMEOUT_S", "soon"),
+        ("FAISS_THREADS", "-1"),
+        ("DEVICE", "tpu"),
+        ("LOG_LEVEL", "loud"),
+    ],
+)
+def test_from_env_rejects_bad_value(name, value):
+    with pytest.raises(ConfigError, match=f"IMGSEARCH_INDEX_{name}"):
+        from_env({f"IMGSEARCH_INDEX_{name}": value})
+
+
+def test_from_env_rejects_default_k_above_max_k():
+    with pytest.raises(ConfigError, match="DEFAULT_K"):
+        from_env({"IMGSEARCH_INDEX_DEFAULT_K": "20", "IMGSEARCH_INDEX_MAX_K": "10"})
+
+
+def test_from_env_rejects_image_limit_above_message_limit():
+    environ = {"IMGSEARCH_INDEX_MAX_IMAGE_BYTES": "3000", "IMGSEARCH_INDEX_MAX_MESSAGE_BYTES": "2000"}
+
+    with pytest.raises(ConfigError, match="MAX_IMAGE_BYTES"):
+        from_env(environ)
+
+
+def test_parse_args_overrides_addresses_and_data_dir():
+    base = IndexConfig(max_k=7)
+
+    config = parse_args(
+        ["--listen", "127.0.0.1:7000", "--embed-addr", "127.0.0.1:7001", "--data-dir", "elsewhere"], base
+    )
+
+    assert config.listen == "127.0.0.1:7000"
+    assert config.embed_addr == "127.0.0.1:7001"
+    assert config.data_dir == Path("elsewhere")
+    assert config.max_k == 7
+
+
+def test_parse_args_keeps_config_without_flags():
+    base = IndexConfig(listen="127.0.0.1:7100")
+
+    assert parse_args([], base) == base

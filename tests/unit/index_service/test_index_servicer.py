@@ -1,0 +1,74 @@
+"""Tests of the request batching of index_service.servicer, without a gRPC server."""
+
+import queue
+import threading
+
+from index_service.servicer import _RequestReader
+
+_END = object()
+
+
+def _stream_from(source: queue.Queue):
+    """Yield what arrives on source until _END, as gRPC's request iterator would."""
+    while (item := source.get(timeout=5)) is not _END:
+        yield item
+
+
+def test_reader_batches_what_has_arrived():
+    reader = _RequestReader(iter(range(10)), max_buffered=20)
+    reader._thread.join(timeout=5)
+
+    batches = [reader.next_batch(4), reader.next_batch(4), reader.next_batch(4), reader.next_batch(4)]
+
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], None]
+
+
+def test_reader_does_not_wait_for_a_full_batch():
+    source = queue.Queue()
+    reader = _RequestReader(_stream_from(source), max_buffered=8)
+
+    source.put("first")
+    first_batch = reader.next_batch(4)
+    source.put("second")
+    second_batch = reader.next_batch(4)
+    source.put(_END)
+    after_end = reader.next_batch(4)
+
+    assert first_batch == ["first"]
+    assert second_batch == ["second"]
+    assert after_end is None
+    assert reader.next_batch(4) is None
+
+
+def test_reader_of_empty_stream():
+    reader = _RequestReader(iter(()), max_buffered=4)
+
+    assert reader.next_batch(4) is None
+
+
+def test_reader_ends_when_stream_fails():
+    def failing_stream():
+        yield "only"
+        raise RuntimeError("connection reset")
+
+    reader = _RequestReader(failing_stream(), max_buffered=4)
+    reader._thread.join(timeout=5)
+
+    assert reader.next_batch(4) == ["only"]
+    assert reader.next_batch(4) is None
+
+
+def test_reader_thread_stops_after_close_with_full_queue():
+    stop = threading.Event()
+
+    def endless_stream():
+        while not stop.is_set():
+            yield "image"
+
+    reader = _RequestReader(endless_stream(), max_buffered=2)
+    reader.next_batch(1)
+    reader.close()
+    reader._thread.join(timeout=5)
+    stop.set()
+
+    assert not reader._thread.is_alive()

@@ -1,0 +1,185 @@
+"""Tests of index_service.vector_index against brute-force numpy search."""
+
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from imgsearch_common.config import ConfigError
+from index_service.vector_index import INDEX_TYPE, ReadWriteLock, VectorIndex
+
+_DIM = 32
+
+
+def _unit_vectors(count: int, seed: int, dim: int = _DIM) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _brute_force(database: np.ndarray, row_ids: np.ndarray, queries: np.ndarray, k: int):
+    scores = queries @ database.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return row_ids[order], np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.fixture
+def cpu_index():
+    return VectorIndex(device="cpu")
+
+
+def test_search_matches_brute_force(cpu_index):
+    database = _unit_vectors(500, seed=1)
+    # Sparse, unordered row ids, as a store with gaps would have.
+    row_ids = np.random.default_rng(2).choice(10_000, size=500, replace=False).astype(np.int64)
+    queries = _unit_vectors(20, seed=3)
+    cpu_index.add(row_ids, database)
+
+    results = cpu_index.search(queries, k=10)
+
+    expected_ids, expected_scores = _brute_force(database, row_ids, queries, k=10)
+    for hits, ids, scores in zip(results, expected_ids, expected_scores):
+        assert [hit.row_id for hit in hits] == ids.tolist()
+        np.testing.assert_allclose([hit.score for hit in hits], scores, atol=1e-5)
+
+
+def test_search_after_several_adds_matches_brute_force(cpu_index):
+    database = _unit_vectors(300, seed=4)
+    row_ids = np.arange(1, 301, dtype=np.int64)
+    for start in range(0, 300, 70):
+        cpu_index.add(row_ids[start : start + 70], database[start : start + 70])
+    queries = _unit_vectors(5, seed=5)
+
+    results = cpu_index.search(queries, k=7)
+
+    expected_ids, _ = _brute_force(database, row_ids, queries, k=7)
+    assert [[hit.row_id for hit in hits] for hits in results] == expected_ids.tolist()
+    assert len(cpu_index) == 300
+
+
+def test_search_with_fewer_items_than_k(cpu_index):
+    cpu_index.add(np.array([11, 12, 13], dtype=np.int64), _unit_vectors(3, seed=6))
+
+    [hits] = cpu_index.search(_unit_vectors(1, seed=7), k=10)
+
+    assert sorted(hit.row_id for hit in hits) == [11, 12, 13]
+    assert all(-1.0 <= hit.score <= 1.0 for hit in hits)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+
+
+def test_search_of_empty_index(cpu_index):
+    assert cpu_index.search(_unit_vectors(2, seed=8), k=5) == [[], []]
+    assert cpu_index.dim is None
+    assert len(cpu_index) == 0
+
+
+def test_scores_clamped_to_one(cpu_index):
+    vector = _unit_vectors(1, seed=9)
+    cpu_index.add(np.array([1], dtype=np.int64), vector)
+
+    [hits] = cpu_index.search(vector * 1.01, k=1)
+
+    assert hits[0].row_id == 1
+    assert hits[0].score == 1.0
+
+
+def test_first_add_fixes_dim(cpu_index):
+    cpu_index.add(np.array([1], dtype=np.int64), _unit_vectors(1, seed=10))
+
+    assert cpu_index.dim == _DIM
+    with pytest.raises(ValueError, match="dim 8"):
+        cpu_index.add(np.array([2], dtype=np.int64), _unit_vectors(1, seed=11, dim=8))
+    with pytest.raises(ValueError, match="dim 8"):
+        cpu_index.search(_unit_vectors(1, seed=12, dim=8), k=1)
+
+
+def test_add_rejects_mismatched_counts(cpu_index):
+    with pytest.raises(ValueError, match="expected 2 vectors"):
+        cpu_index.add(np.array([1, 2], dtype=np.int64), _unit_vectors(3, seed=13))
+
+
+def test_index_type_and_device(cpu_index):
+    assert cpu_index.index_type == INDEX_TYPE
+    assert cpu_index.device == "cpu"
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="this machine has a GPU that faiss can use")
+def test_device_auto_and_gpu_without_gpu():
+    assert VectorIndex(device="auto").device == "cpu"
+    with pytest.raises(ConfigError, match="no GPU"):
+        VectorIndex(device="gpu")
+
+
+def test_threads_setting_sets_openmp_threads():
+    before = faiss.omp_get_max_threads()
+    try:
+        VectorIndex(device="cpu", threads=1)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_read_write_lock_admits_readers_together():
+    lock = ReadWriteLock()
+    first_inside = threading.Event()
+    second_inside = threading.Event()
+
+    def first_reader():
+        with lock.reading():
+            first_inside.set()
+            second_inside.wait(timeout=5)
+
+    thread = threading.Thread(target=first_reader)
+    thread.start()
+    assert first_inside.wait(timeout=5)
+    with lock.reading():
+        second_inside.set()
+    thread.join(timeout=5)
+
+    assert not thread.is_alive()
+
+
+def test_read_write_lock_writer_waits_for_readers():
+    lock = ReadWriteLock()
+    events = []
+    writer_started = threading.Event()
+
+    def writer():
+        writer_started.set()
+        with lock.writing():
+            events.append("write")
+
+    with lock.reading():
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert writer_started.wait(timeout=5)
+        thread.join(timeout=0.2)
+        events.append("read done")
+    thread.join(timeout=5)
+
+    assert events == ["read done", "write"]
+
+
+def test_concurrent_searches_during_adds(cpu_index):
+    database = _unit_vectors(400, seed=14)
+    cpu_index.add(np.arange(100, dtype=np.int64), database[:100])
+    failures = []
+
+    def search_repeatedly():
+        try:
+            for _ in range(50):
+                [hits] = cpu_index.search(database[:1], k=5)
+                assert hits[0].row_id == 0
+        except AssertionError as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=search_repeatedly) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for start in range(100, 400, 50):
+        cpu_index.add(np.arange(start, start + 50, dtype=np.int64), database[start : start + 50])
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert failures == []
+    assert len(cpu_index) == 400
