@@ -1,10 +1,7 @@
 """The gRPC edge of the embed service: streams images into batches and embeddings back out."""
 
 import math
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -16,14 +13,11 @@ from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import grpc_errors
 from imgsearch_common.errors import InvalidInputError
 from imgsearch_common.serving import remaining_seconds
+from imgsearch_common.streams import RequestBatcher
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = embed_service_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name
-
-_END_OF_STREAM = object()
-# How often a reader blocked on a full queue checks whether the RPC has finished.
-_PUT_POLL_S = 0.1
 
 
 class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
@@ -34,7 +28,7 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         self._batch_size = batch_size
 
     def EmbedImages(self, request_iterator, context):
-        reader = _RequestReader(request_iterator, capacity=2 * self._batch_size)
+        reader = RequestBatcher(request_iterator, max_buffered=2 * self._batch_size, name="embed-reader")
         try:
             while (batch := reader.next_batch(self._batch_size)) is not None:
                 yield from self._embed_batch(batch, context)
@@ -43,7 +37,7 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
             log.exception("embed_stream_failed_unexpectedly")
             context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged the details")
         finally:
-            reader.stop()
+            reader.close()
 
     @grpc_errors.abort_on_error
     def GetModelInfo(self, request, context):
@@ -103,65 +97,3 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
 
 def _any_vector(results: list) -> bool:
     return any(isinstance(result, np.ndarray) for result in results)
-
-
-class _RequestReader:
-    """Reads a request stream on its own thread, so a batch holds only what has already arrived.
-
-    A client that sends one image and waits gets its response without the server waiting for a
-    full batch. The bounded queue stops reading ahead when embedding falls behind.
-    """
-
-    def __init__(self, requests: Iterable, capacity: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
-        self._stopped = threading.Event()
-        self._ended = False
-        self._thread = threading.Thread(
-            target=self._read, args=(iter(requests),), name="embed-reader", daemon=True
-        )
-        self._thread.start()
-
-    def next_batch(self, max_size: int) -> list | None:
-        """Block for one request, then add those already queued, up to max_size. Return None at the end."""
-        if self._ended:
-            return None
-        first = self._queue.get()
-        if first is _END_OF_STREAM:
-            self._ended = True
-            return None
-
-        batch = [first]
-        while len(batch) < max_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _END_OF_STREAM:
-                self._ended = True
-                break
-            batch.append(item)
-        return batch
-
-    def stop(self) -> None:
-        """Let the reading thread finish. Requests that it has not handed out are dropped."""
-        self._stopped.set()
-
-    def _read(self, requests: Iterator) -> None:
-        try:
-            for request in requests:
-                if not self._put(request):
-                    return
-        except grpc.RpcError as error:
-            # The client cancelled or the call ended, so the stream stops here.
-            log.debug("embed_request_stream_ended", error=str(error))
-        finally:
-            self._put(_END_OF_STREAM)
-
-    def _put(self, item) -> bool:
-        while not self._stopped.is_set():
-            try:
-                self._queue.put(item, timeout=_PUT_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False

@@ -1,10 +1,5 @@
 """The gRPC servicer of IndexService: converts messages and calls the collection core."""
 
-import queue
-import threading
-from collections.abc import Iterable
-
-import grpc
 import structlog
 
 from imgsearch.common.v1 import common_pb2
@@ -12,6 +7,7 @@ from imgsearch.index.v1 import index_service_pb2, index_service_pb2_grpc
 from imgsearch_common.errors import InvalidInputError
 from imgsearch_common.grpc_errors import abort_on_error, item_error
 from imgsearch_common.serving import remaining_seconds
+from imgsearch_common.streams import RequestBatcher
 from index_service.collection import (
     Collection,
     ImageQuery,
@@ -32,10 +28,6 @@ _STATUS_MESSAGES = {
     IngestStatus.FAILED: index_service_pb2.INGEST_STATUS_FAILED,
 }
 
-# How long the request reader waits on a full queue before it checks again whether the servicer
-# has stopped reading.
-_PUT_POLL_S = 0.1
-
 
 class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
     """IndexService over one collection."""
@@ -46,7 +38,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
         self._embed_timeout_s = embed_timeout_s
 
     def IngestImages(self, request_iterator, context):
-        reader = _RequestReader(request_iterator, max_buffered=self._batch_size)
+        reader = RequestBatcher(request_iterator, max_buffered=self._batch_size, name="ingest-reader")
         counts = dict.fromkeys(_STATUS_MESSAGES.values(), 0)
         try:
             while (requests := reader.next_batch(self._batch_size)) is not None:
@@ -99,62 +91,6 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             index_type=stats.index_type,
             index_device=stats.index_device,
         )
-
-
-class _RequestReader:
-    """Reads a request stream on its own thread and hands out batches of what has arrived.
-
-    next_batch waits only for the first request of a batch, so a client that sends one image and
-    waits for its response gets it.
-    """
-
-    _END = object()
-
-    def __init__(self, requests: Iterable, max_buffered: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=max_buffered)
-        self._closed = threading.Event()
-        self._ended = False
-        self._thread = threading.Thread(target=self._read, args=(requests,), name="ingest-reader", daemon=True)
-        self._thread.start()
-
-    def next_batch(self, max_size: int) -> list | None:
-        """Return up to max_size requests, waiting for the first; None when the stream has ended."""
-        if self._ended:
-            return None
-        batch = [self._queue.get()]
-        while len(batch) < max_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        if batch[-1] is self._END:
-            self._ended = True
-            batch.pop()
-        return batch or None
-
-    def close(self) -> None:
-        self._closed.set()
-
-    def _read(self, requests: Iterable) -> None:
-        try:
-            for request in requests:
-                if not self._put(request):
-                    return
-        except grpc.RpcError:
-            # gRPC raises a bare RpcError, without a code, when the client cancels the stream.
-            log.info("ingest_stream_cancelled")
-        except Exception:  # noqa: BLE001 - the stream must end even when reading fails
-            log.exception("ingest_stream_read_failed")
-        self._put(self._END)
-
-    def _put(self, item) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=_PUT_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
 
 
 def _query_of(request: index_service_pb2.SearchRequest) -> Query:

@@ -1,9 +1,9 @@
-"""Tests of the request batching of index_service.servicer, without a gRPC server."""
+"""Tests of the request batching shared by the streaming RPCs, without a gRPC server."""
 
 import queue
 import threading
 
-from index_service.servicer import _RequestReader
+from imgsearch_common.streams import RequestBatcher
 
 _END = object()
 
@@ -15,7 +15,7 @@ def _stream_from(source: queue.Queue):
 
 
 def test_reader_batches_what_has_arrived():
-    reader = _RequestReader(iter(range(10)), max_buffered=20)
+    reader = RequestBatcher(iter(range(10)), max_buffered=20, name="test-reader")
     reader._thread.join(timeout=5)
 
     batches = [reader.next_batch(4), reader.next_batch(4), reader.next_batch(4), reader.next_batch(4)]
@@ -25,7 +25,7 @@ def test_reader_batches_what_has_arrived():
 
 def test_reader_does_not_wait_for_a_full_batch():
     source = queue.Queue()
-    reader = _RequestReader(_stream_from(source), max_buffered=8)
+    reader = RequestBatcher(_stream_from(source), max_buffered=8, name="test-reader")
 
     source.put("first")
     first_batch = reader.next_batch(4)
@@ -41,7 +41,7 @@ def test_reader_does_not_wait_for_a_full_batch():
 
 
 def test_reader_of_empty_stream():
-    reader = _RequestReader(iter(()), max_buffered=4)
+    reader = RequestBatcher(iter(()), max_buffered=4, name="test-reader")
 
     assert reader.next_batch(4) is None
 
@@ -51,7 +51,7 @@ def test_reader_ends_when_stream_fails():
         yield "only"
         raise RuntimeError("connection reset")
 
-    reader = _RequestReader(failing_stream(), max_buffered=4)
+    reader = RequestBatcher(failing_stream(), max_buffered=4, name="test-reader")
     reader._thread.join(timeout=5)
 
     assert reader.next_batch(4) == ["only"]
@@ -65,7 +65,7 @@ def test_reader_thread_stops_after_close_with_full_queue():
         while not stop.is_set():
             yield "image"
 
-    reader = _RequestReader(endless_stream(), max_buffered=2)
+    reader = RequestBatcher(endless_stream(), max_buffered=2, name="test-reader")
     reader.next_batch(1)
     reader.close()
     reader._thread.join(timeout=5)
