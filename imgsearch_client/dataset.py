@@ -21,7 +21,7 @@ class DatasetError(Exception):
     """The dataset is missing, incomplete or could not be downloaded."""
 
 
-def locate_coco128(dataset: str, cache_dir: pathlib.Path) -> pathlib.Path:
+def locate_coco128(dataset: str, cache_dir: pathlib.Path, url: str = COCO128_URL) -> pathlib.Path:
     """Return the folder of COCO128 images: dataset when given, else a checked download in cache_dir."""
     if dataset:
         folder = pathlib.Path(dataset)
@@ -30,7 +30,7 @@ def locate_coco128(dataset: str, cache_dir: pathlib.Path) -> pathlib.Path:
         return folder
     folder = cache_dir / _IMAGES_INSIDE_ZIP
     if not folder.is_dir():
-        _download_and_extract(COCO128_URL, cache_dir)
+        _download_and_extract(url, cache_dir)
     check_coco128(folder)
     return folder
 
@@ -48,12 +48,18 @@ def _download_and_extract(url: str, cache_dir: pathlib.Path, timeout_s: float = 
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("dataset_download_started", url=url)
     with tempfile.TemporaryFile() as archive:
-        with requests.get(url, stream=True, timeout=timeout_s) as response:
-            if response.status_code != 200:
-                raise DatasetError(f"download of {url} failed with HTTP {response.status_code}")
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                archive.write(chunk)
+        try:
+            with requests.get(url, stream=True, timeout=timeout_s) as response:
+                if response.status_code != 200:
+                    raise DatasetError(f"download of {url} failed with HTTP {response.status_code}")
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    archive.write(chunk)
+        except requests.RequestException as error:
+            raise DatasetError(f"download of {url} failed: {error}") from error
         archive.seek(0)
-        with zipfile.ZipFile(archive) as contents:
-            contents.extractall(cache_dir)
+        try:
+            with zipfile.ZipFile(archive) as contents:
+                contents.extractall(cache_dir)
+        except zipfile.BadZipFile as error:
+            raise DatasetError(f"download of {url} is not a valid zip file: {error}") from error
     log.info("dataset_download_finished", folder=str(cache_dir))
