@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n imgsearch/common/v1/common.proto\x12\x13imgsearch.common.v1\"-\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x10\n\x08model_id\x18\x02 \x01(\t\"=\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tB^\n\x16io.imgsearch.common.v1P\x01ZBgithub.com/imgsearch/imgsearch/gen/go/imgsearch/common/v1;commonv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n imgsearch/common/v1/common.proto\x12\x13imgsearch.common.v1\"-\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x10\n\x08model_id\x18\x02 \x01(\t\"=\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"w\n\x10ImageFingerprint\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x14\n\x0cpixel_sha256\x18\x02 \x01(\t\x12\r\n\x05phash\x18\x03 \x01(\x06\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\x0c\x42^\n\x16io.imgsearch.common.v1P\x01ZBgithub.com/imgsearch/imgsearch/gen/go/imgsearch/common/v1;commonv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,4 +36,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDING']._serialized_end=102
   _globals['_ITEMERROR']._serialized_start=104
   _globals['_ITEMERROR']._serialized_end=165
+  _globals['_IMAGEFINGERPRINT']._serialized_start=167
+  _globals['_IMAGEFINGERPRINT']._serialized_end=286
 # @@protoc_insertion_point(module_scope)

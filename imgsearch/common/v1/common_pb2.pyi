@@ -23,3 +23,19 @@ class ItemError(_message.Message):
     code_name: str
     message: str
     def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ImageFingerprint(_message.Message):
+    __slots__ = ("version", "pixel_sha256", "phash", "width", "height", "layout")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PHASH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    pixel_sha256: str
+    phash: int
+    width: int
+    height: int
+    layout: bytes
+    def __init__(self, version: _Optional[int] = ..., pixel_sha256: _Optional[str] = ..., phash: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., layout: _Optional[bytes] = ...) -> None: ...

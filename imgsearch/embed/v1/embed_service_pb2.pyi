@@ -15,14 +15,16 @@ class EmbedImagesRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
-    __slots__ = ("correlation_id", "embedding", "error")
+    __slots__ = ("correlation_id", "embedding", "error", "fingerprint")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     correlation_id: str
     embedding: _common_pb2.Embedding
     error: _common_pb2.ItemError
-    def __init__(self, correlation_id: _Optional[str] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
+    fingerprint: _common_pb2.ImageFingerprint
+    def __init__(self, correlation_id: _Optional[str] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., fingerprint: _Optional[_Union[_common_pb2.ImageFingerprint, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imgsearch.common.v1 import common_pb2 as imgsearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/index/v1/index_service.proto\x12\x12imgsearch.index.v1\x1a imgsearch/common/v1/common.proto\"\xbc\x01\n\x13IngestImagesRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12G\n\x08metadata\x18\x04 \x03(\x0b\x32\x35.imgsearch.index.v1.IngestImagesRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x01\n\x14IngestImagesResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .imgsearch.index.v1.IngestStatus\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.imgsearch.common.v1.ItemError\x12\x0b\n\x03uri\x18\x04 \x01(\t\"\xa2\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x33\n\tembedding\x18\x02 \x01(\x0b\x32\x1e.imgsearch.common.v1.EmbeddingH\x00\x12\x11\n\x07item_id\x18\x03 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x16\n\tmin_score\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05queryB\x0c\n\n_min_score\"\xd7\x01\n\tNeighbour\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12=\n\x08metadata\x18\x04 \x03(\x0b\x32+.imgsearch.index.v1.Neighbour.MetadataEntry\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x0eSearchResponse\x12\x31\n\nneighbours\x18\x01 \x03(\x0b\x32\x1d.imgsearch.index.v1.Neighbour\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\x11\n\x0fGetStatsRequest\"o\n\x10GetStatsResponse\x12\x12\n\nitem_count\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x14\n\x0cindex_device\x18\x05 \x01(\t*\x83\x01\n\x0cIngestStatus\x12\x1d\n\x19INGEST_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13INGEST_STATUS_ADDED\x10\x01\x12!\n\x1dINGEST_STATUS_ALREADY_PRESENT\x10\x02\x12\x18\n\x14INGEST_STATUS_FAILED\x10\x03\x32\x9d\x02\n\x0cIndexService\x12\x65\n\x0cIngestImages\x12\'.imgsearch.index.v1.IngestImagesRequest\x1a(.imgsearch.index.v1.IngestImagesResponse(\x01\x30\x01\x12O\n\x06Search\x12!.imgsearch.index.v1.SearchRequest\x1a\".imgsearch.index.v1.SearchResponse\x12U\n\x08GetStats\x12#.imgsearch.index.v1.GetStatsRequest\x1a$.imgsearch.index.v1.GetStatsResponseB[\n\x15io.imgsearch.index.v1P\x01Z@github.com/imgsearch/imgsearch/gen/go/imgsearch/index/v1;indexv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/index/v1/index_service.proto\x12\x12imgsearch.index.v1\x1a imgsearch/common/v1/common.proto\"\xaf\x01\n\x13NearDuplicatePolicy\x12\x1f\n\x12max_phash_distance\x18\x01 \x01(\rH\x00\x88\x01\x01\x12!\n\x14max_local_difference\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x02\x88\x01\x01\x42\x15\n\x13_max_phash_distanceB\x17\n\x15_max_local_differenceB\x0c\n\n_min_score\"\xab\x02\n\x13IngestImagesRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12G\n\x08metadata\x18\x04 \x03(\x0b\x32\x35.imgsearch.index.v1.IngestImagesRequest.MetadataEntry\x12\x35\n\x0con_duplicate\x18\x05 \x01(\x0e\x32\x1f.imgsearch.index.v1.OnDuplicate\x12\x36\n\x0f\x64uplicate_match\x18\x06 \x01(\x0e\x32\x1d.imgsearch.index.v1.MatchKind\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xeb\x01\n\x14IngestImagesResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .imgsearch.index.v1.IngestStatus\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.imgsearch.common.v1.ItemError\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x1c\n\x14\x64uplicate_of_item_id\x18\x05 \x01(\t\x12\x36\n\x0f\x64uplicate_match\x18\x06 \x01(\x0e\x32\x1d.imgsearch.index.v1.MatchKind\"\xea\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x33\n\tembedding\x18\x02 \x01(\x0b\x32\x1e.imgsearch.common.v1.EmbeddingH\x00\x12\x11\n\x07item_id\x18\x03 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x16\n\tmin_score\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x46\n\x15near_duplicate_policy\x18\x06 \x01(\x0b\x32\'.imgsearch.index.v1.NearDuplicatePolicyB\x07\n\x05queryB\x0c\n\n_min_score\"\xe9\x02\n\tNeighbour\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12=\n\x08metadata\x18\x04 \x03(\x0b\x32+.imgsearch.index.v1.Neighbour.MetadataEntry\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12,\n\x05match\x18\x08 \x01(\x0e\x32\x1d.imgsearch.index.v1.MatchKind\x12\x1b\n\x0ephash_distance\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1d\n\x10local_difference\x18\n \x01(\x02H\x01\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_phash_distanceB\x13\n\x11_local_difference\"U\n\x0eSearchResponse\x12\x31\n\nneighbours\x18\x01 \x03(\x0b\x32\x1d.imgsearch.index.v1.Neighbour\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\x11\n\x0fGetStatsRequest\"o\n\x10GetStatsResponse\x12\x12\n\nitem_count\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x14\n\x0cindex_device\x18\x05 \x01(\t\"\xce\x01\n\x15\x46indDuplicatesRequest\x12,\n\x05kinds\x18\x01 \x03(\x0e\x32\x1d.imgsearch.index.v1.MatchKind\x12\x46\n\x15near_duplicate_policy\x18\x02 \x01(\x0b\x32\'.imgsearch.index.v1.NearDuplicatePolicy\x12\x1e\n\x11min_similar_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\t\n\x01k\x18\x04 \x01(\rB\x14\n\x12_min_similar_score\"\x8f\x01\n\x0f\x44uplicateMember\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x16\n\x0ephash_distance\x18\x04 \x01(\r\x12\x18\n\x10local_difference\x18\x05 \x01(\x02\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\"s\n\x0e\x44uplicateGroup\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.imgsearch.index.v1.MatchKind\x12\x34\n\x07members\x18\x02 \x03(\x0b\x32#.imgsearch.index.v1.DuplicateMember\"@\n\x16\x46indDuplicatesProgress\x12\x12\n\nitems_done\x18\x01 \x01(\x04\x12\x12\n\nitem_count\x18\x02 \x01(\x04\"\xcd\x01\n\x15\x46indDuplicatesSummary\x12\x12\n\nitem_count\x18\x01 \x01(\x04\x12P\n\x0cgroup_counts\x18\x02 \x03(\x0b\x32:.imgsearch.index.v1.FindDuplicatesSummary.GroupCountsEntry\x12\x1a\n\x12grouped_item_count\x18\x03 \x01(\x04\x1a\x32\n\x10GroupCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xd4\x01\n\x16\x46indDuplicatesResponse\x12>\n\x08progress\x18\x01 \x01(\x0b\x32*.imgsearch.index.v1.FindDuplicatesProgressH\x00\x12\x33\n\x05group\x18\x02 \x01(\x0b\x32\".imgsearch.index.v1.DuplicateGroupH\x00\x12<\n\x07summary\x18\x03 \x01(\x0b\x32).imgsearch.index.v1.FindDuplicatesSummaryH\x00\x42\x07\n\x05\x65vent*j\n\tMatchKind\x12\x1a\n\x16MATCH_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MATCH_KIND_EXACT\x10\x01\x12\x13\n\x0fMATCH_KIND_NEAR\x10\x02\x12\x16\n\x12MATCH_KIND_SIMILAR\x10\x03*q\n\x0bOnDuplicate\x12\x1c\n\x18ON_DUPLICATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ON_DUPLICATE_ADD\x10\x01\x12\x15\n\x11ON_DUPLICATE_SKIP\x10\x02\x12\x17\n\x13ON_DUPLICATE_REJECT\x10\x03*\x83\x01\n\x0cIngestStatus\x12\x1d\n\x19INGEST_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13INGEST_STATUS_ADDED\x10\x01\x12!\n\x1dINGEST_STATUS_ALREADY_PRESENT\x10\x02\x12\x18\n\x14INGEST_STATUS_FAILED\x10\x03\x32\x88\x03\n\x0cIndexService\x12\x65\n\x0cIngestImages\x12\'.imgsearch.index.v1.IngestImagesRequest\x1a(.imgsearch.index.v1.IngestImagesResponse(\x01\x30\x01\x12O\n\x06Search\x12!.imgsearch.index.v1.SearchRequest\x1a\".imgsearch.index.v1.SearchResponse\x12U\n\x08GetStats\x12#.imgsearch.index.v1.GetStatsRequest\x1a$.imgsearch.index.v1.GetStatsResponse\x12i\n\x0e\x46indDuplicates\x12).imgsearch.index.v1.FindDuplicatesRequest\x1a*.imgsearch.index.v1.FindDuplicatesResponse0\x01\x42[\n\x15io.imgsearch.index.v1P\x01Z@github.com/imgsearch/imgsearch/gen/go/imgsearch/index/v1;indexv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTIMAGESREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_NEIGHBOUR_METADATAENTRY']._loaded_options = None
   _globals['_NEIGHBOUR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_INGESTSTATUS']._serialized_start=1042
-  _globals['_INGESTSTATUS']._serialized_end=1173
-  _globals['_INGESTIMAGESREQUEST']._serialized_start=97
-  _globals['_INGESTIMAGESREQUEST']._serialized_end=285
-  _globals['_INGESTIMAGESREQUEST_METADATAENTRY']._serialized_start=238
-  _globals['_INGESTIMAGESREQUEST_METADATAENTRY']._serialized_end=285
-  _globals['_INGESTIMAGESRESPONSE']._serialized_start=288
-  _globals['_INGESTIMAGESRESPONSE']._serialized_end=437
-  _globals['_SEARCHREQUEST']._serialized_start=440
-  _globals['_SEARCHREQUEST']._serialized_end=602
-  _globals['_NEIGHBOUR']._serialized_start=605
-  _globals['_NEIGHBOUR']._serialized_end=820
-  _globals['_NEIGHBOUR_METADATAENTRY']._serialized_start=238
-  _globals['_NEIGHBOUR_METADATAENTRY']._serialized_end=285
-  _globals['_SEARCHRESPONSE']._serialized_start=822
-  _globals['_SEARCHRESPONSE']._serialized_end=907
-  _globals['_GETSTATSREQUEST']._serialized_start=909
-  _globals['_GETSTATSREQUEST']._serialized_end=926
-  _globals['_GETSTATSRESPONSE']._serialized_start=928
-  _globals['_GETSTATSRESPONSE']._serialized_end=1039
-  _globals['_INDEXSERVICE']._serialized_start=1176
-  _globals['_INDEXSERVICE']._serialized_end=1461
+  _globals['_FINDDUPLICATESSUMMARY_GROUPCOUNTSENTRY']._loaded_options = None
+  _globals['_FINDDUPLICATESSUMMARY_GROUPCOUNTSENTRY']._serialized_options = b'8\001'
+  _globals['_MATCHKIND']._serialized_start=2595
+  _globals['_MATCHKIND']._serialized_end=2701
+  _globals['_ONDUPLICATE']._serialized_start=2703
+  _globals['_ONDUPLICATE']._serialized_end=2816
+  _globals['_INGESTSTATUS']._serialized_start=2819
+  _globals['_INGESTSTATUS']._serialized_end=2950
+  _globals['_NEARDUPLICATEPOLICY']._serialized_start=97
+  _globals['_NEARDUPLICATEPOLICY']._serialized_end=272
+  _globals['_INGESTIMAGESREQUEST']._serialized_start=275
+  _globals['_INGESTIMAGESREQUEST']._serialized_end=574
+  _globals['_INGESTIMAGESREQUEST_METADATAENTRY']._serialized_start=527
+  _globals['_INGESTIMAGESREQUEST_METADATAENTRY']._serialized_end=574
+  _globals['_INGESTIMAGESRESPONSE']._serialized_start=577
+  _globals['_INGESTIMAGESRESPONSE']._serialized_end=812
+  _globals['_SEARCHREQUEST']._serialized_start=815
+  _globals['_SEARCHREQUEST']._serialized_end=1049
+  _globals['_NEIGHBOUR']._serialized_start=1052
+  _globals['_NEIGHBOUR']._serialized_end=1413
+  _globals['_NEIGHBOUR_METADATAENTRY']._serialized_start=527
+  _globals['_NEIGHBOUR_METADATAENTRY']._serialized_end=574
+  _globals['_SEARCHRESPONSE']._serialized_start=1415
+  _globals['_SEARCHRESPONSE']._serialized_end=1500
+  _globals['_GETSTATSREQUEST']._serialized_start=1502
+  _globals['_GETSTATSREQUEST']._serialized_end=1519
+  _globals['_GETSTATSRESPONSE']._serialized_start=1521
+  _globals['_GETSTATSRESPONSE']._serialized_end=1632
+  _globals['_FINDDUPLICATESREQUEST']._serialized_start=1635
+  _globals['_FINDDUPLICATESREQUEST']._serialized_end=1841
+  _globals['_DUPLICATEMEMBER']._serialized_start=1844
+  _globals['_DUPLICATEMEMBER']._serialized_end=1987
+  _globals['_DUPLICATEGROUP']._serialized_start=1989
+  _globals['_DUPLICATEGROUP']._serialized_end=2104
+  _globals['_FINDDUPLICATESPROGRESS']._serialized_start=2106
+  _globals['_FINDDUPLICATESPROGRESS']._serialized_end=2170
+  _globals['_FINDDUPLICATESSUMMARY']._serialized_start=2173
+  _globals['_FINDDUPLICATESSUMMARY']._serialized_end=2378
+  _globals['_FINDDUPLICATESSUMMARY_GROUPCOUNTSENTRY']._serialized_start=2328
+  _globals['_FINDDUPLICATESSUMMARY_GROUPCOUNTSENTRY']._serialized_end=2378
+  _globals['_FINDDUPLICATESRESPONSE']._serialized_start=2381
+  _globals['_FINDDUPLICATESRESPONSE']._serialized_end=2593
+  _globals['_INDEXSERVICE']._serialized_start=2953
+  _globals['_INDEXSERVICE']._serialized_end=3345
 # @@protoc_insertion_point(module_scope)

@@ -8,19 +8,51 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MatchKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MATCH_KIND_UNSPECIFIED: _ClassVar[MatchKind]
+    MATCH_KIND_EXACT: _ClassVar[MatchKind]
+    MATCH_KIND_NEAR: _ClassVar[MatchKind]
+    MATCH_KIND_SIMILAR: _ClassVar[MatchKind]
+
+class OnDuplicate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_DUPLICATE_UNSPECIFIED: _ClassVar[OnDuplicate]
+    ON_DUPLICATE_ADD: _ClassVar[OnDuplicate]
+    ON_DUPLICATE_SKIP: _ClassVar[OnDuplicate]
+    ON_DUPLICATE_REJECT: _ClassVar[OnDuplicate]
+
 class IngestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INGEST_STATUS_UNSPECIFIED: _ClassVar[IngestStatus]
     INGEST_STATUS_ADDED: _ClassVar[IngestStatus]
     INGEST_STATUS_ALREADY_PRESENT: _ClassVar[IngestStatus]
     INGEST_STATUS_FAILED: _ClassVar[IngestStatus]
+MATCH_KIND_UNSPECIFIED: MatchKind
+MATCH_KIND_EXACT: MatchKind
+MATCH_KIND_NEAR: MatchKind
+MATCH_KIND_SIMILAR: MatchKind
+ON_DUPLICATE_UNSPECIFIED: OnDuplicate
+ON_DUPLICATE_ADD: OnDuplicate
+ON_DUPLICATE_SKIP: OnDuplicate
+ON_DUPLICATE_REJECT: OnDuplicate
 INGEST_STATUS_UNSPECIFIED: IngestStatus
 INGEST_STATUS_ADDED: IngestStatus
 INGEST_STATUS_ALREADY_PRESENT: IngestStatus
 INGEST_STATUS_FAILED: IngestStatus
 
+class NearDuplicatePolicy(_message.Message):
+    __slots__ = ("max_phash_distance", "max_local_difference", "min_score")
+    MAX_PHASH_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOCAL_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    max_phash_distance: int
+    max_local_difference: float
+    min_score: float
+    def __init__(self, max_phash_distance: _Optional[int] = ..., max_local_difference: _Optional[float] = ..., min_score: _Optional[float] = ...) -> None: ...
+
 class IngestImagesRequest(_message.Message):
-    __slots__ = ("image", "item_id", "uri", "metadata")
+    __slots__ = ("image", "item_id", "uri", "metadata", "on_duplicate", "duplicate_match")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,40 +64,50 @@ class IngestImagesRequest(_message.Message):
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ON_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_MATCH_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     uri: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    on_duplicate: OnDuplicate
+    duplicate_match: MatchKind
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., on_duplicate: _Optional[_Union[OnDuplicate, str]] = ..., duplicate_match: _Optional[_Union[MatchKind, str]] = ...) -> None: ...
 
 class IngestImagesResponse(_message.Message):
-    __slots__ = ("item_id", "status", "error", "uri")
+    __slots__ = ("item_id", "status", "error", "uri", "duplicate_of_item_id", "duplicate_match")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_OF_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_MATCH_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     status: IngestStatus
     error: _common_pb2.ItemError
     uri: str
-    def __init__(self, item_id: _Optional[str] = ..., status: _Optional[_Union[IngestStatus, str]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., uri: _Optional[str] = ...) -> None: ...
+    duplicate_of_item_id: str
+    duplicate_match: MatchKind
+    def __init__(self, item_id: _Optional[str] = ..., status: _Optional[_Union[IngestStatus, str]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., uri: _Optional[str] = ..., duplicate_of_item_id: _Optional[str] = ..., duplicate_match: _Optional[_Union[MatchKind, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "embedding", "item_id", "k", "min_score")
+    __slots__ = ("image", "embedding", "item_id", "k", "min_score", "near_duplicate_policy")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NEAR_DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     embedding: _common_pb2.Embedding
     item_id: str
     k: int
     min_score: float
-    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., item_id: _Optional[str] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+    near_duplicate_policy: NearDuplicatePolicy
+    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., item_id: _Optional[str] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ..., near_duplicate_policy: _Optional[_Union[NearDuplicatePolicy, _Mapping]] = ...) -> None: ...
 
 class Neighbour(_message.Message):
-    __slots__ = ("item_id", "score", "uri", "metadata", "width", "height", "sha256")
+    __slots__ = ("item_id", "score", "uri", "metadata", "width", "height", "sha256", "match", "phash_distance", "local_difference")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +122,9 @@ class Neighbour(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    PHASH_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     uri: str
@@ -87,7 +132,10 @@ class Neighbour(_message.Message):
     width: int
     height: int
     sha256: str
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    match: MatchKind
+    phash_distance: int
+    local_difference: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sha256: _Optional[str] = ..., match: _Optional[_Union[MatchKind, str]] = ..., phash_distance: _Optional[int] = ..., local_difference: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("neighbours", "model_id")
@@ -114,3 +162,76 @@ class GetStatsResponse(_message.Message):
     index_type: str
     index_device: str
     def __init__(self, item_count: _Optional[int] = ..., dim: _Optional[int] = ..., model_id: _Optional[str] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ...) -> None: ...
+
+class FindDuplicatesRequest(_message.Message):
+    __slots__ = ("kinds", "near_duplicate_policy", "min_similar_score", "k")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    NEAR_DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILAR_SCORE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[MatchKind]
+    near_duplicate_policy: NearDuplicatePolicy
+    min_similar_score: float
+    k: int
+    def __init__(self, kinds: _Optional[_Iterable[_Union[MatchKind, str]]] = ..., near_duplicate_policy: _Optional[_Union[NearDuplicatePolicy, _Mapping]] = ..., min_similar_score: _Optional[float] = ..., k: _Optional[int] = ...) -> None: ...
+
+class DuplicateMember(_message.Message):
+    __slots__ = ("item_id", "uri", "score", "phash_distance", "local_difference", "width", "height")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PHASH_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    uri: str
+    score: float
+    phash_distance: int
+    local_difference: float
+    width: int
+    height: int
+    def __init__(self, item_id: _Optional[str] = ..., uri: _Optional[str] = ..., score: _Optional[float] = ..., phash_distance: _Optional[int] = ..., local_difference: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class DuplicateGroup(_message.Message):
+    __slots__ = ("kind", "members")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    kind: MatchKind
+    members: _containers.RepeatedCompositeFieldContainer[DuplicateMember]
+    def __init__(self, kind: _Optional[_Union[MatchKind, str]] = ..., members: _Optional[_Iterable[_Union[DuplicateMember, _Mapping]]] = ...) -> None: ...
+
+class FindDuplicatesProgress(_message.Message):
+    __slots__ = ("items_done", "item_count")
+    ITEMS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    items_done: int
+    item_count: int
+    def __init__(self, items_done: _Optional[int] = ..., item_count: _Optional[int] = ...) -> None: ...
+
+class FindDuplicatesSummary(_message.Message):
+    __slots__ = ("item_count", "group_counts", "grouped_item_count")
+    class GroupCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    GROUPED_ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    item_count: int
+    group_counts: _containers.ScalarMap[str, int]
+    grouped_item_count: int
+    def __init__(self, item_count: _Optional[int] = ..., group_counts: _Optional[_Mapping[str, int]] = ..., grouped_item_count: _Optional[int] = ...) -> None: ...
+
+class FindDuplicatesResponse(_message.Message):
+    __slots__ = ("progress", "group", "summary")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    progress: FindDuplicatesProgress
+    group: DuplicateGroup
+    summary: FindDuplicatesSummary
+    def __init__(self, progress: _Optional[_Union[FindDuplicatesProgress, _Mapping]] = ..., group: _Optional[_Union[DuplicateGroup, _Mapping]] = ..., summary: _Optional[_Union[FindDuplicatesSummary, _Mapping]] = ...) -> None: ...

@@ -51,6 +51,11 @@ class IndexServiceStub:
                 request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.FindDuplicates = channel.unary_stream(
+                '/imgsearch.index.v1.IndexService/FindDuplicates',
+                request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
 
 
 class IndexServiceServicer:
@@ -83,6 +88,15 @@ class IndexServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindDuplicates(self, request, context):
+        """Finds groups of exact, near or similar duplicates across the whole
+        collection. Streams progress messages while it works, then each group,
+        then one summary as the last message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +114,11 @@ def add_IndexServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsRequest.FromString,
                     response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_stream_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +204,33 @@ class IndexService:
             '/imgsearch.index.v1.IndexService/GetStats',
             imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsRequest.SerializeToString,
             imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imgsearch.index.v1.IndexService/FindDuplicates',
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesRequest.SerializeToString,
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
