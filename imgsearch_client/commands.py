@@ -34,7 +34,11 @@ def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, obje
     except ConfigError as error:
         raise CommandError(str(error)) from None
     configure_logging(config.log_level)
-    service_server.run(config)
+    try:
+        service_server.run(config)
+    except (ConfigError, RuntimeError, OSError) as error:
+        # Start-up failures: a port in use, a data folder that cannot be opened or is locked.
+        raise CommandError(f"the {service} service could not start: {error}") from None
     return 0
 
 
@@ -99,8 +103,6 @@ def _report_outcome(outcome, as_json: bool, bar: tqdm) -> None:
 
 def search(args) -> int:
     """Search with an image file or a stored item_id and print the neighbours, best first."""
-    if (args.image is None) == (args.item_id is None):
-        raise CommandError("give either an IMAGE file or --item-id, not both or neither")
     query = _read(pathlib.Path(args.image)) if args.image else None
     with IndexClient(args.addr, timeout_s=args.timeout) as client:
         try:
@@ -110,12 +112,22 @@ def search(args) -> int:
 
     if args.json:
         print(json.dumps(neighbours_to_json(neighbours), indent=2))
+    elif not neighbours:
+        print("no neighbours found: the collection is empty, or min-score left every item out", file=sys.stderr)
     else:
         for rank, neighbour in enumerate(neighbours, start=1):
             print(f"{rank:3d}  {neighbour.score:+.4f}  {neighbour.item_id}  {neighbour.uri}")
     if args.grid:
-        draw_grid(query, [(_read_if_local(n.uri), f"{n.score:.4f}") for n in neighbours], args.grid)
+        _write_grid(query, neighbours, args.grid)
     return 0
+
+
+def _write_grid(query: bytes | None, neighbours: list[Neighbour], out: pathlib.Path) -> None:
+    tiles = [(_read_if_local(n.uri), f"{n.score:.4f}") for n in neighbours]
+    try:
+        draw_grid(query, tiles, out)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot write the grid to {out}: {error}") from None
 
 
 def neighbours_to_json(neighbours: list[Neighbour]) -> dict[str, list[dict[str, object]]]:
@@ -148,6 +160,8 @@ def health(addr: str, service: str, as_json: bool, timeout_s: float) -> int:
     try:
         status = check_health(addr, service, timeout_s)
     except ClientError as error:
+        if error.code == "NOT_FOUND":
+            raise CommandError(f"{addr} has no health status for service {service!r}") from None
         raise CommandError(f"health check of {addr} failed: {error}") from None
     print(json.dumps({"addr": addr, "service": service, "status": status}) if as_json else status)
     return 0 if status == "SERVING" else 1

@@ -1,19 +1,22 @@
 """Draw a query image beside its neighbours as one PNG, with each neighbour's score below it."""
 
-import io
 import pathlib
 from collections.abc import Sequence
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
+
+from imgsearch_common.errors import ImgsearchError
+from imgsearch_common.images import decode_rgb
 
 _TILE = 224
+_MAX_PIXELS = 50_000_000
 _CAPTION_HEIGHT = 40
 _GAP = 8
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
 
 
-def draw_grid(query: bytes, neighbours: Sequence[tuple[bytes | None, str]], out: pathlib.Path) -> None:
+def draw_grid(query: bytes | None, neighbours: Sequence[tuple[bytes | None, str]], out: pathlib.Path) -> None:
     """Write a one-row grid: the query, then each neighbour's image with its caption.
 
     neighbours holds (image bytes, caption) pairs; an image that is None or cannot be read is drawn
@@ -31,7 +34,6 @@ def draw_grid(query: bytes, neighbours: Sequence[tuple[bytes | None, str]], out:
         canvas.paste(_thumbnail(image_bytes), (left, _GAP))
         draw.text((left + _TILE / 2, _GAP + _TILE + 6), caption, fill=_TEXT, font=font, anchor="ma")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
 
 
@@ -40,9 +42,8 @@ def _thumbnail(image_bytes: bytes | None) -> Image.Image:
     if image_bytes is None:
         return tile
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            picture = ImageOps.exif_transpose(image).convert("RGB")
-    except OSError:
+        picture = decode_rgb(image_bytes, _MAX_PIXELS)
+    except ImgsearchError:
         return tile
     picture.thumbnail((_TILE, _TILE))
     tile.paste(picture, ((_TILE - picture.width) // 2, (_TILE - picture.height) // 2))

@@ -1,8 +1,10 @@
-"""Tests of the command line's parsing, help and exit codes, without any server."""
+"""Tests of the command line's parsing, help and exit codes, without a running server."""
+
+import socket
 
 import pytest
 
-from imgsearch_client import cli
+from imgsearch_client import cli, commands
 
 
 @pytest.mark.parametrize(
@@ -29,9 +31,32 @@ def test_unknown_command_exits_2(capsys):
 
 
 def test_search_needs_image_or_item_id(capsys):
-    assert cli.main(["search", "--addr", "127.0.0.1:1"]) == 1
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["search", "--addr", "127.0.0.1:1"])
 
-    assert "give either an IMAGE file or --item-id" in capsys.readouterr().err
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: imgsearch search" in error
+    assert "give either an IMAGE file or --item-id" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "x.png", "-k", "-3"], "expected 0 or more, got -3"),
+        (["search", "x.png", "--min-score", "2"], "expected a score from -1 to 1"),
+        (["search", "x.png", "--timeout", "-1"], "expected a number above 0"),
+        (["stats", "--addr", "127.0.0.1:99999"], "expected HOST:PORT with a port from 1 to 65535"),
+        (["stats", "--addr", "garbage"], "expected HOST:PORT"),
+        (["serve", "embed", "--listen", "nonsense"], "expected HOST:PORT"),
+    ],
+)
+def test_bad_option_values_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_ingest_of_missing_path_fails_with_one_line(tmp_path, capsys):
@@ -52,3 +77,31 @@ def test_health_against_closed_port_fails(capsys):
     assert cli.main(["health", "--addr", "127.0.0.1:1", "--timeout", "2"]) == 1
 
     assert "health check of 127.0.0.1:1 failed" in capsys.readouterr().err
+
+
+def test_serve_on_taken_port_fails_with_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        assert cli.main(["serve", "embed", "--backend", "hash", "--listen", address]) == 1
+
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("imgsearch: error: the embed service could not start: could not bind")
+
+
+def test_serve_index_on_file_as_data_dir_fails_with_one_line(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+
+    assert cli.main(["serve", "index", "--listen", "127.0.0.1:0", "--data-dir", str(not_a_folder)]) == 1
+
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("imgsearch: error: the index service could not start:")
+    assert str(not_a_folder) in error
+
+
+def test_grid_into_a_folder_fails_with_one_line(tmp_path):
+    with pytest.raises(commands.CommandError, match=f"cannot write the grid to {tmp_path}"):
+        commands._write_grid(None, [], tmp_path)

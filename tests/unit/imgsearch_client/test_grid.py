@@ -35,3 +35,14 @@ def test_unreadable_neighbour_becomes_grey_tile(tmp_path):
     with Image.open(out) as grid:
         assert grid.getpixel((8 + 232 + 112, 8 + 112)) == (200, 200, 200)
         assert grid.getpixel((8 + 2 * 232 + 112, 8 + 112)) == (200, 200, 200)
+
+
+def test_transparency_is_drawn_on_white_like_the_embedder_sees_it(tmp_path):
+    out = tmp_path / "grid.png"
+    buffer = io.BytesIO()
+    Image.new("RGBA", (300, 200), (255, 0, 0, 0)).save(buffer, format="PNG")
+
+    draw_grid(buffer.getvalue(), [], out)
+
+    with Image.open(out) as grid:
+        assert grid.getpixel((8 + 112, 8 + 112)) == (255, 255, 255)
