@@ -15,6 +15,7 @@ from tqdm import tqdm
 from imgsearch_client.client import ClientError, IndexClient, IngestItem, check_health
 from imgsearch_client.commands import neighbours_to_json
 from imgsearch_client.dataset import DatasetError, locate_coco128
+from imgsearch_client.files import find_images
 from imgsearch_client.grid import draw_grid
 
 _STARTUP_TIMEOUT_S = 120.0
@@ -51,7 +52,7 @@ def _warn_if_random(model_dir: pathlib.Path) -> None:
 
 
 def _run(index_addr: str, folder: pathlib.Path, args) -> int:
-    files = sorted(folder.glob("*.jpg"))
+    files = list(find_images([folder]))
     query_path = pathlib.Path(args.query) if args.query else files[0]
     with IndexClient(index_addr, timeout_s=60.0) as client:
         try:
