@@ -1,0 +1,1 @@
+"""Benchmarks of imgsearch; results go to bench/results/."""
