@@ -6,7 +6,7 @@ DATASET ?= $(if $(wildcard ../shared/datasets/coco128/images/train2017),../share
 MODEL_DIR ?= models/tiny-clip-random
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos check-protos demo test clean tiny-clip
+.PHONY: help venv protos check-protos demo test clean tiny-clip test-inference
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,3 +44,18 @@ $(TOOLS_VENV)/bin/python:
 
 tiny-clip: $(TOOLS_VENV)/bin/python ## Regenerate the tiny random CLIP test model in models/tiny-clip-random
 	$(TOOLS_VENV)/bin/python scripts/make_tiny_clip.py --out models/tiny-clip-random
+
+INFERENCE_VENV ?= .venv-inference
+INFERENCE_PYTHON ?= $(PYTHON)
+# Written after a complete install, so an interrupted one is retried. A change of the requirements reinstalls.
+INFERENCE_STAMP := $(INFERENCE_VENV)/.imgsearch-installed
+
+$(INFERENCE_STAMP): scripts/inference/requirements.txt
+	test -x $(INFERENCE_VENV)/bin/python || { $(INFERENCE_PYTHON) -m venv $(INFERENCE_VENV) && \
+		$(INFERENCE_VENV)/bin/pip install --quiet --upgrade pip; }
+	$(INFERENCE_VENV)/bin/pip install --quiet -r scripts/inference/requirements.txt
+	touch $@
+
+test-inference: venv $(INFERENCE_STAMP) ## Run tests/inference against a real Inference server in a loopback-only namespace
+	command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
+	VENV='$(VENV)' INFERENCE_VENV='$(INFERENCE_VENV)' MODEL_DIR='$(MODEL_DIR)' scripts/inference/run_tests_in_netns.sh

@@ -29,10 +29,18 @@ class EmbedConfig:
     inference_api_key: str = dataclasses.field(default="", repr=False)
     # CLIP model that the Inference server runs, sent as clip_version_id and used as model_id.
     clip_version_id: str = "ViT-B-32"
-    # Maximum seconds for one HTTP request to the Inference server.
+    # Maximum seconds for one HTTP request to the Inference server, its response body included.
     inference_timeout_s: float = 10.0
-    # Maximum number of HTTP requests in flight to the Inference server.
+    # Maximum number of HTTP requests in flight to the Inference server, health probes included.
     inference_concurrency: int = 4
+    # Number of times a request that failed with HTTP 5xx or a connection error is sent again.
+    inference_retries: int = 2
+    # Seconds of backoff before the first retry. Each later retry waits twice as long, with jitter.
+    inference_backoff_s: float = 0.2
+    # Seconds between health probes of the backend, while serving and while down.
+    health_interval_s: float = 5.0
+    # Number of images in a row that fail with UNAVAILABLE and so turn health NOT_SERVING before a probe.
+    health_failure_threshold: int = 5
     # Maximum number of images that go to the backend in one call.
     batch_size: int = 16
     # Maximum size in bytes of one gRPC message, sent or received.
@@ -69,6 +77,12 @@ def from_env(environ: Mapping[str, str]) -> EmbedConfig:
         clip_version_id=env.str("CLIP_VERSION_ID", _DEFAULTS.clip_version_id),
         inference_timeout_s=env.float("INFERENCE_TIMEOUT_S", _DEFAULTS.inference_timeout_s, minimum=0.001),
         inference_concurrency=env.int("INFERENCE_CONCURRENCY", _DEFAULTS.inference_concurrency, minimum=1),
+        inference_retries=env.int("INFERENCE_RETRIES", _DEFAULTS.inference_retries, minimum=0),
+        inference_backoff_s=env.float("INFERENCE_BACKOFF_S", _DEFAULTS.inference_backoff_s, minimum=0.0),
+        health_interval_s=env.float("HEALTH_INTERVAL_S", _DEFAULTS.health_interval_s, minimum=0.01),
+        health_failure_threshold=env.int(
+            "HEALTH_FAILURE_THRESHOLD", _DEFAULTS.health_failure_threshold, minimum=1
+        ),
         batch_size=env.int("BATCH_SIZE", _DEFAULTS.batch_size, minimum=1),
         max_message_bytes=env.int("MAX_MESSAGE_BYTES", _DEFAULTS.max_message_bytes, minimum=1024),
         max_image_pixels=env.int("MAX_IMAGE_PIXELS", _DEFAULTS.max_image_pixels, minimum=1),

@@ -91,6 +91,9 @@ def serve_until_signalled(
     stop_requested.wait()
 
     set_serving(health_servicer, names, serving=False)
+    # From here on the servicer ignores set() calls, so a health watcher that probes a backend while
+    # RPCs drain cannot turn the server SERVING again.
+    health_servicer.enter_graceful_shutdown()
     server.stop(grace_seconds).wait()
     on_stop()
     log.info("server_stopped")

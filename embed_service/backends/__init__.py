@@ -20,6 +20,8 @@ def create_embedder(config: EmbedConfig) -> Embedder:
             clip_version_id=config.clip_version_id,
             timeout_s=config.inference_timeout_s,
             concurrency=config.inference_concurrency,
+            retries=config.inference_retries,
+            backoff_s=config.inference_backoff_s,
         )
     if config.backend == "hash":
         return HashEmbedder(config.max_image_pixels)

@@ -3,6 +3,9 @@
 import base64
 import functools
 import io
+import json
+import math
+import random
 import threading
 import time
 from concurrent import futures
@@ -10,6 +13,7 @@ from concurrent import futures
 import numpy as np
 import requests
 import structlog
+import urllib3
 from PIL import Image
 from requests.adapters import HTTPAdapter
 
@@ -30,6 +34,17 @@ EMBED_IMAGE_PATH = "/clip/embed_image"
 # Maximum number of characters of a server's error body that are copied into error messages.
 _MAX_SERVER_MESSAGE_CHARS = 300
 _PROBE_SIDE = 64
+# Maximum bytes taken from the socket by one read, so that the deadline is checked between reads.
+_READ_CHUNK_BYTES = 64 * 1024
+# A 1024-dim embedding is about 20 KiB of JSON, so a body above this size is no embedding response.
+_MAX_BODY_BYTES = 16 * 1024 * 1024
+# Upper bound of one backoff, so that a large retry count cannot make an image wait for hours.
+_MAX_BACKOFF_S = 10.0
+_REDACTED = "[redacted]"
+
+
+class _RetryableError(UnavailableError):
+    """A failure that the next attempt may not repeat: an HTTP 5xx status or a failed connection."""
 
 
 class InferenceEmbedder:
@@ -38,21 +53,44 @@ class InferenceEmbedder:
     Only the image bytes are sent (base64 in JSON), never a URL for the server to fetch. The
     server's vectors are not normalised, so each one is L2-normalised here. The dim is learned
     from the first embedding and every later one must match it.
+
+    Each attempt, its response body included, ends within the smaller of timeout_s and the
+    caller's remaining time (see the NOTE in _send for the headers). An HTTP 5xx status or a
+    connection error is retried up to `retries` times after a backoff that starts at backoff_s,
+    doubles each time and has jitter. A 4xx status, a timeout or a malformed body is not retried.
+    At most `concurrency` requests are in flight at once, readiness probes included.
     """
 
-    def __init__(self, url: str, api_key: str, clip_version_id: str, timeout_s: float, concurrency: int):
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        clip_version_id: str,
+        timeout_s: float,
+        concurrency: int,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+    ):
         self._url = url.rstrip("/")
         self._endpoint = self._url + EMBED_IMAGE_PATH
         self._api_key = api_key
         self._clip_version_id = clip_version_id
         self._timeout_s = timeout_s
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._random = random.Random()
 
         self._session = requests.Session()
-        # One pooled connection per worker thread. urllib3 does not retry, so each failure reaches the caller.
+        # With an uncompressed body, each read1() in _read_body is a single socket read, so the
+        # deadline is checked between any two reads.
+        self._session.headers["Accept-Encoding"] = "identity"
+        # urllib3 does not retry, so every failure reaches the retry loop here.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
-        self._pool = futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="inference")
+        self._slots = threading.BoundedSemaphore(concurrency)
+        # Twice as many threads as slots, so that images waiting out a backoff do not hold up others.
+        self._pool = futures.ThreadPoolExecutor(max_workers=2 * concurrency, thread_name_prefix="inference")
 
         self._dim: int | None = None
         self._dim_lock = threading.Lock()
@@ -67,18 +105,24 @@ class InferenceEmbedder:
         self._raise_if_closed()
         deadline = time.monotonic() + timeout_s
         pending = [self._pool.submit(self._embed_one, data, deadline) for data in images]
-        # Each request's own timeout ends by the deadline, so waiting without a timeout is bounded.
+        # Every attempt, backoff and wait for a slot of an image is bounded, so these waits end too.
         results = [future.result() for future in pending]
         _log_failures(results, self._url)
         return results
 
     def check_ready(self) -> None:
+        """Embed a small probe image with one attempt, and raise UnavailableError if that fails.
+
+        The probe is not retried, because the health watcher probes again at its next interval.
+        """
         self._raise_if_closed()
-        result = self._embed_one(_probe_image(), time.monotonic() + self._timeout_s)
-        if isinstance(result, ImgsearchError):
+        try:
+            status, body = self._post(self._payload(_probe_image()), time.monotonic() + self._timeout_s)
+            self._parse_embedding(status, body)
+        except ImgsearchError as error:
             raise UnavailableError(
-                f"the Inference server at {self._url} failed the probe embedding: {result}"
-            )
+                f"the Inference server at {self._url} failed the probe embedding: {error}"
+            ) from None
 
     def close(self) -> None:
         self._closed.set()
@@ -91,35 +135,100 @@ class InferenceEmbedder:
 
     def _embed_one(self, data: bytes, deadline: float) -> np.ndarray | ImgsearchError:
         try:
-            response = self._post(data, deadline)
-            return self._parse_embedding(response)
+            return self._embed_with_retries(self._payload(data), deadline)
         except ImgsearchError as error:
             return error
 
-    def _post(self, data: bytes, deadline: float) -> requests.Response:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceededError(
-                "the deadline ran out before the image was sent to the Inference server"
-            )
-        timeout = min(self._timeout_s, remaining)
-        try:
-            # NOTE: requests applies the timeout to the connect and to each socket read, so a
-            # server that trickles bytes can hold a request longer than `timeout` in total.
-            return self._session.post(self._endpoint, json=self._payload(data), timeout=timeout)
-        except requests.Timeout:
-            if remaining < self._timeout_s:
-                raise DeadlineExceededError(
-                    f"the deadline ran out after {timeout:.3g} s waiting for the Inference server "
-                    f"at {self._url}"
+    def _embed_with_retries(self, payload: dict, deadline: float) -> np.ndarray:
+        """Send the image until it is embedded, it fails in a way not worth retrying, or retries run out.
+
+        A retry starts only when the time left covers its backoff plus as long as the failed attempt took.
+        """
+        attempts = self._retries + 1
+        backoff = self._backoff_s
+        for attempt in range(1, attempts + 1):
+            started = time.monotonic()
+            try:
+                return self._parse_embedding(*self._post(payload, deadline))
+            except _RetryableError as error:
+                failure = error
+            if attempt == attempts:
+                break
+
+            delay = backoff * self._random.uniform(0.5, 1.0)
+            backoff = min(2 * backoff, _MAX_BACKOFF_S)
+            now = time.monotonic()
+            if now + delay + (now - started) > deadline:
+                raise UnavailableError(
+                    f"{failure} (not retried: {deadline - now:.3g} s left before the deadline)"
                 ) from None
-            raise UnavailableError(
-                f"the Inference server at {self._url} did not respond within {timeout:.3g} s"
-            ) from None
-        except requests.RequestException as error:
-            raise UnavailableError(
-                f"the request to the Inference server at {self._url} failed: {type(error).__name__}"
-            ) from error
+            log.warning(
+                "inference_request_retried",
+                url=self._url,
+                attempt=attempt,
+                max_attempts=attempts,
+                delay_s=round(delay, 3),
+                error=str(failure),
+            )
+            if self._closed.wait(delay):
+                raise UnavailableError("the Inference embedder was closed during a retry backoff")
+        suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
+        raise UnavailableError(f"{failure}{suffix}") from None
+
+    def _post(self, payload: dict, deadline: float) -> tuple[int, bytes]:
+        """Send one request and return the status and body, or raise a domain error.
+
+        The whole exchange ends by the deadline and within timeout_s.
+        """
+        if not self._acquire_slot(deadline):
+            raise DeadlineExceededError(
+                "the deadline ran out while the image waited for a free connection to the Inference server"
+            )
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(
+                    "the deadline ran out before the image was sent to the Inference server"
+                )
+            budget = min(self._timeout_s, remaining)
+            try:
+                return self._send(payload, budget)
+            except requests.Timeout:
+                raise self._timeout_error(budget, limited_by_caller=remaining < self._timeout_s) from None
+            except requests.ConnectionError as error:
+                raise _RetryableError(
+                    f"the request to the Inference server at {self._url} failed: {type(error).__name__}"
+                ) from error
+            except requests.RequestException as error:
+                raise UnavailableError(
+                    f"the request to the Inference server at {self._url} failed: {type(error).__name__}"
+                ) from error
+        finally:
+            self._slots.release()
+
+    def _acquire_slot(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if math.isinf(remaining):
+            return self._slots.acquire()
+        return self._slots.acquire(timeout=max(0.0, remaining))
+
+    def _send(self, payload: dict, budget: float) -> tuple[int, bytes]:
+        ends = time.monotonic() + budget
+        # total= gives the wait for the status line only what the connect left of the budget.
+        # NOTE: that wait is bounded per socket read, not as a whole, so a server that trickles
+        # its status line and headers can hold an attempt past its budget. The body cannot.
+        timeout = urllib3.Timeout(total=budget)
+        with self._session.post(self._endpoint, json=payload, timeout=timeout, stream=True) as response:
+            return response.status_code, _read_body(response, ends)
+
+    def _timeout_error(self, budget: float, limited_by_caller: bool) -> ImgsearchError:
+        if limited_by_caller:
+            return DeadlineExceededError(
+                f"the deadline ran out after {budget:.3g} s waiting for the Inference server at {self._url}"
+            )
+        return UnavailableError(
+            f"the Inference server at {self._url} did not complete its response within {budget:.3g} s"
+        )
 
     def _payload(self, data: bytes) -> dict:
         payload = {
@@ -130,22 +239,46 @@ class InferenceEmbedder:
             payload["api_key"] = self._api_key
         return payload
 
-    def _parse_embedding(self, response: requests.Response) -> np.ndarray:
-        status = response.status_code
+    def _parse_embedding(self, status: int, body: bytes) -> np.ndarray:
         if status == 400:
-            raise InvalidInputError(f"the Inference server rejected the image: {_server_message(response)}")
+            raise InvalidInputError(f"the Inference server rejected the image: {self._server_text(body)}")
         if status == 413:
             raise TooLargeError(
-                f"the Inference server rejected the image as too large: {_server_message(response)}"
+                f"the Inference server rejected the image as too large: {self._server_text(body)}"
+            )
+        if 500 <= status <= 599:
+            raise _RetryableError(
+                f"the Inference server at {self._url} returned HTTP {status}: {self._server_text(body)}"
             )
         if status != 200:
             raise UnavailableError(
-                f"the Inference server at {self._url} returned HTTP {status}: {_server_message(response)}"
+                f"the Inference server at {self._url} returned HTTP {status}: {self._server_text(body)}"
             )
 
-        vector = _vector_from_body(response)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            raise UnavailableError(
+                f"the Inference server returned a body that is not JSON: {self._server_text(body)}"
+            ) from None
+        vector = _vector_from_json(parsed)
         self._check_dim(vector.size)
         return l2_normalise(vector)
+
+    def _server_text(self, body: bytes) -> str:
+        """Return the server's error text (its JSON "message" field if it has one) with the API key hidden."""
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and "message" in parsed:
+            text = str(parsed["message"])
+        else:
+            text = body.decode("utf-8", errors="replace").strip() or "(empty body)"
+        # A server may quote the request back, and error messages reach logs and callers.
+        if self._api_key:
+            text = text.replace(self._api_key, _REDACTED)
+        return text[:_MAX_SERVER_MESSAGE_CHARS]
 
     def _check_dim(self, dim: int) -> None:
         with self._dim_lock:
@@ -158,15 +291,46 @@ class InferenceEmbedder:
                 )
 
 
-def _vector_from_body(response: requests.Response) -> np.ndarray:
-    """Parse an {"embeddings": [[...]]} body into its one vector, raising UnavailableError if malformed."""
-    try:
-        body = response.json()
-    except ValueError:
-        raise UnavailableError(
-            f"the Inference server returned a body that is not JSON: {_server_message(response)}"
-        ) from None
+def _read_body(response: requests.Response, ends: float) -> bytes:
+    """Read the whole body by `ends` (time.monotonic()), however slowly the server sends it.
 
+    requests applies its timeout to each socket read, so a server that trickles bytes could hold a
+    request without end. Here each read may wait only for the time left. Raises requests.Timeout
+    and requests.ConnectionError like requests itself.
+    """
+    chunks = []
+    size = 0
+    while True:
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise requests.Timeout("the response body did not arrive in time")
+        _set_socket_timeout(response.raw, remaining)
+        try:
+            chunk = response.raw.read1(_READ_CHUNK_BYTES)
+        except (urllib3.exceptions.TimeoutError, TimeoutError) as error:
+            raise requests.Timeout(str(error)) from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise requests.ConnectionError(str(error)) from error
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > _MAX_BODY_BYTES:
+            raise UnavailableError(
+                f"the Inference server's response is larger than {_MAX_BODY_BYTES} bytes, "
+                "too large for an embedding response"
+            )
+        chunks.append(chunk)
+
+
+def _set_socket_timeout(raw: urllib3.HTTPResponse, seconds: float) -> None:
+    # After the last byte, urllib3 may already have returned the connection to its pool.
+    socket = getattr(raw.connection, "sock", None)
+    if socket is not None:
+        socket.settimeout(seconds)
+
+
+def _vector_from_json(body) -> np.ndarray:
+    """Return the one vector of an {"embeddings": [[...]]} body, raising UnavailableError if malformed."""
     embeddings = body.get("embeddings") if isinstance(body, dict) else None
     if not isinstance(embeddings, list) or len(embeddings) != 1:
         count = len(embeddings) if isinstance(embeddings, list) else "no"
@@ -184,19 +348,6 @@ def _vector_from_body(response: requests.Response) -> np.ndarray:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _server_message(response: requests.Response) -> str:
-    """Return the server's error text: the JSON "message" field if there is one, else the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and "message" in body:
-        text = str(body["message"])
-    else:
-        text = response.text.strip() or "(empty body)"
-    return text[:_MAX_SERVER_MESSAGE_CHARS]
 
 
 @functools.cache

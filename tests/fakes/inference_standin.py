@@ -1,17 +1,25 @@
-"""A local stand-in for the Roboflow Inference server's CLIP image embedding endpoint.
+"""A local stand-in for the Roboflow Inference server's CLIP image embedding endpoint, with fault injection.
 
 It speaks the server's JSON on POST /clip/embed_image: the request is
 {"image": {"type": "base64", "value": ...}, "clip_version_id": ..., "api_key": ... (optional)},
 and the response is {"embeddings": [[...]]} with one vector that is not normalised. It is not
 the real server: the vector is a seeded function of the image bytes, not a CLIP embedding.
+
+Faults: `behaviour` applies to every request, fail_next() to the next few requests, and
+fail_images_containing() to the images whose bytes contain a marker. stop_listening() and
+listen_again() act like a server process that stops and starts again on the same port: in between,
+connections are refused.
 """
 
 import base64
 import binascii
+import collections
 import dataclasses
 import hashlib
 import io
 import json
+import select
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,16 +30,24 @@ from PIL import Image, UnidentifiedImageError
 EMBED_IMAGE_PATH = "/clip/embed_image"
 DEFAULT_DIM = 512
 
+# How often a handler that keeps a request open checks whether the client has hung up.
+_HANGUP_POLL_S = 0.02
+
 
 class Behaviour:
-    """Response modes of the stand-in for embed requests, set through InferenceStandIn.behaviour."""
+    """Response modes of the stand-in for embed requests."""
 
     EMBED = "embed"  # 200 with a vector of norm about 10, or 400 when the bytes are not an image
     STATUS_400 = "status_400"  # 400 with {"message": ...} for every request
+    STATUS_401 = "status_401"  # 401 whose message quotes the request's api_key, as a careless server might
     STATUS_500 = "status_500"  # 500 with {"message": ...}
+    STATUS_504 = "status_504"  # 504 with {"message": ...}, as a proxy in front of a stuck server sends
     MALFORMED_JSON = "malformed_json"  # 200 with a body that is not JSON
     WRONG_LENGTH = "wrong_length"  # 200 with a vector one shorter than dim
     SLOW = "slow"  # waits delay_s, then behaves like EMBED
+    NO_ANSWER = "no_answer"  # reads the request and never responds, until the client hangs up
+    TRICKLE = "trickle"  # sends the headers of a 200 at once, then the body a few bytes at a time
+    DROP_CONNECTION = "drop_connection"  # closes the connection without a response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +59,11 @@ class RecordedRequest:
     content_type: str
     body: dict | None
 
+    @property
+    def image(self) -> bytes | None:
+        """The decoded bytes of image.value, or None when the body has no valid base64 image."""
+        return _decoded_image_value(self.body)
+
 
 def fake_embedding(image_bytes: bytes, dim: int = DEFAULT_DIM) -> np.ndarray:
     """Return the unnormalised vector that the stand-in sends for these bytes (norm 9.5 to 10.5)."""
@@ -53,30 +74,33 @@ def fake_embedding(image_bytes: bytes, dim: int = DEFAULT_DIM) -> np.ndarray:
 
 
 class InferenceStandIn:
-    """A ThreadingHTTPServer on a free port of 127.0.0.1, used as a context manager."""
+    """A ThreadingHTTPServer on a free port of 127.0.0.1, used as a context manager.
+
+    Settings that tests may change at any time: behaviour, delay_s (SLOW), trickle_interval_s and
+    trickle_bytes (TRICKLE).
+    """
 
     def __init__(self, dim: int = DEFAULT_DIM):
         self.dim = dim
         self.behaviour = Behaviour.EMBED
         self.delay_s = 0.0
+        self.trickle_interval_s = 0.02
+        self.trickle_bytes = 8
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
+        self._next_behaviours: collections.deque[str] = collections.deque()
+        self._marker_behaviours: dict[bytes, str] = {}
         self._in_flight = 0
         self._max_in_flight = 0
+        self._connections: set[socket.socket] = set()
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="inference-standin",
-            daemon=True,
-        )
+        self._server = self._bind(0)
+        self._port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._port}"
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -84,24 +108,76 @@ class InferenceStandIn:
             return list(self._requests)
 
     @property
+    def in_flight(self) -> int:
+        """Number of requests being handled now."""
+        with self._lock:
+            return self._in_flight
+
+    @property
     def max_in_flight(self) -> int:
         """Maximum number of requests that were handled at the same time."""
         with self._lock:
             return self._max_in_flight
 
+    def fail_next(self, behaviour: str, count: int = 1) -> None:
+        """Apply behaviour to the next count embed requests, then return to self.behaviour."""
+        with self._lock:
+            self._next_behaviours.extend([behaviour] * count)
+
+    def fail_images_containing(self, marker: bytes, behaviour: str) -> None:
+        """Apply behaviour to every request whose image bytes contain marker, before any other rule."""
+        with self._lock:
+            self._marker_behaviours[marker] = behaviour
+
+    def stop_listening(self) -> None:
+        """Close the listening socket and every open connection, so that new connections are refused."""
+        self._stop_serving()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # The handler closed it meanwhile.
+
+    def listen_again(self) -> None:
+        """Listen on the same port again after stop_listening()."""
+        self._server = self._bind(self._port)
+        self._start_serving()
+
     def __enter__(self) -> "InferenceStandIn":
-        self._thread.start()
+        self._start_serving()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
 
     def close(self) -> None:
-        """Stop serving, and release at once the slow responses that are still waiting."""
+        """Stop serving, and release at once the responses that are still waiting or trickling."""
         self._closing.set()
+        self._stop_serving()
+
+    def _bind(self, port: int) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
+        server.daemon_threads = True
+        return server
+
+    def _start_serving(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="inference-standin",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _stop_serving(self) -> None:
+        if self._thread is None:
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+        self._thread = None
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
@@ -113,15 +189,29 @@ class InferenceStandIn:
         with self._lock:
             self._in_flight -= 1
 
-    def _respond(self, body: dict | None) -> tuple[int, bytes]:
-        """Return the status and body for one embed request under the current behaviour."""
-        behaviour = self.behaviour
+    def _behaviour_for(self, image: bytes | None) -> str:
+        """Return the behaviour for one embed request: a marker rule, then fail_next, then self.behaviour."""
+        with self._lock:
+            for marker, behaviour in self._marker_behaviours.items():
+                if image is not None and marker in image:
+                    return behaviour
+            if self._next_behaviours:
+                return self._next_behaviours.popleft()
+            return self.behaviour
+
+    def _respond(self, body: dict | None, behaviour: str) -> tuple[int, bytes]:
+        """Return the status and body for one embed request under a behaviour that sends a response."""
         if behaviour == Behaviour.SLOW:
             self._closing.wait(self.delay_s)
         if behaviour == Behaviour.STATUS_400:
             return _json(HTTPStatus.BAD_REQUEST, {"message": "stand-in was told to reject every image"})
+        if behaviour == Behaviour.STATUS_401:
+            key = body.get("api_key") if isinstance(body, dict) else None
+            return _json(HTTPStatus.UNAUTHORIZED, {"message": f"api_key {key} is not valid"})
         if behaviour == Behaviour.STATUS_500:
             return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"message": "stand-in was told to fail"})
+        if behaviour == Behaviour.STATUS_504:
+            return _json(HTTPStatus.GATEWAY_TIMEOUT, {"message": "stand-in was told to time out"})
         if behaviour == Behaviour.MALFORMED_JSON:
             return HTTPStatus.OK, b'{"embeddings": [[0.1, 0.2'
 
@@ -134,19 +224,21 @@ class InferenceStandIn:
         return _json(HTTPStatus.OK, {"embeddings": [vector.tolist()], "time": 0.001})
 
 
+def _decoded_image_value(body: dict | None) -> bytes | None:
+    image = body.get("image") if isinstance(body, dict) else None
+    if not isinstance(image, dict) or image.get("type") != "base64" or not isinstance(image.get("value"), str):
+        return None
+    try:
+        return base64.b64decode(image["value"], validate=True)
+    except binascii.Error:
+        return None
+
+
 def _image_bytes(body: dict | None) -> tuple[bytes, str]:
     """Return the decoded image bytes, or an error message like the server's for a bad request."""
-    image = body.get("image") if isinstance(body, dict) else None
-    if (
-        not isinstance(image, dict)
-        or image.get("type") != "base64"
-        or not isinstance(image.get("value"), str)
-    ):
-        return b"", "request must have image.type 'base64' and a string image.value"
-    try:
-        data = base64.b64decode(image["value"], validate=True)
-    except binascii.Error:
-        return b"", "image.value is not valid base64"
+    data = _decoded_image_value(body)
+    if data is None:
+        return b"", "request must have image.type 'base64' and a valid base64 string in image.value"
     try:
         with Image.open(io.BytesIO(data)) as picture:
             picture.load()
@@ -163,6 +255,16 @@ def _make_handler(standin: InferenceStandIn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self):
+            super().setup()
+            with standin._lock:
+                standin._connections.add(self.connection)
+
+        def finish(self):
+            with standin._lock:
+                standin._connections.discard(self.connection)
+            super().finish()
+
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
             raw = self.rfile.read(length)
@@ -170,25 +272,63 @@ def _make_handler(standin: InferenceStandIn) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw)
             except ValueError:
                 body = None
-            standin._record(RecordedRequest("POST", self.path, self.headers.get("Content-Type", ""), body))
+            recorded = RecordedRequest("POST", self.path, self.headers.get("Content-Type", ""), body)
+            standin._record(recorded)
             try:
                 if self.path != EMBED_IMAGE_PATH:
-                    status, payload = _json(HTTPStatus.NOT_FOUND, {"message": f"no route {self.path}"})
+                    self._send(*_json(HTTPStatus.NOT_FOUND, {"message": f"no route {self.path}"}))
                 else:
-                    status, payload = standin._respond(body)
-                self._send(status, payload)
+                    self._handle_embed(body, standin._behaviour_for(recorded.image))
             finally:
                 standin._finish()
 
+        def _handle_embed(self, body: dict | None, behaviour: str) -> None:
+            if behaviour == Behaviour.DROP_CONNECTION:
+                self.close_connection = True
+            elif behaviour == Behaviour.NO_ANSWER:
+                self._wait_for_hangup()
+                self.close_connection = True
+            elif behaviour == Behaviour.TRICKLE:
+                self._trickle(*standin._respond(body, Behaviour.EMBED))
+            else:
+                self._send(*standin._respond(body, behaviour))
+
         def _send(self, status: int, payload: bytes) -> None:
             try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
+                self._send_headers(status, len(payload))
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # The client gave up first, as it does after its timeout.
+
+        def _send_headers(self, status: int, length: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+
+        def _trickle(self, status: int, payload: bytes) -> None:
+            """Send the headers at once, then trickle_bytes of the body every trickle_interval_s."""
+            try:
+                self._send_headers(status, len(payload))
+                for start in range(0, len(payload), standin.trickle_bytes):
+                    if standin._closing.wait(standin.trickle_interval_s):
+                        break
+                    self.wfile.write(payload[start : start + standin.trickle_bytes])
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+
+        def _wait_for_hangup(self) -> None:
+            """Hold the request open until the client closes its end or the stand-in closes."""
+            while not standin._closing.is_set():
+                readable, _, _ = select.select([self.connection], [], [], _HANGUP_POLL_S)
+                if not readable:
+                    continue
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return
+                except OSError:
+                    return
 
         def log_message(self, format, *args):  # noqa: A002 - the name is fixed by BaseHTTPRequestHandler
             pass  # Requests are recorded in standin.requests instead of printed.

@@ -1,7 +1,7 @@
 """The embed service over real gRPC on 127.0.0.1: hash, ONNX and Inference backends.
 
 The Inference backend talks to a local stand-in (tests/fakes/inference_standin.py) that speaks
-the Roboflow JSON. Tests against a real Inference server join the suite later.
+the Roboflow JSON. Tests against a real Inference server are in tests/inference/ (make test-inference).
 """
 
 import dataclasses
@@ -185,9 +185,8 @@ def test_onnx_embeddings_match_backend(tmp_path, start_service):
         np.testing.assert_allclose(response.embedding.values, vector, atol=1e-6)
 
 
-def test_onnx_missing_model_not_serving(tmp_path, start_service, monkeypatch):
-    monkeypatch.setattr(embed_server, "READY_RECHECK_S", 0.1)
-    service = start_service(_config(backend="onnx", model_dir=tmp_path))
+def test_onnx_missing_model_not_serving(tmp_path, start_service):
+    service = start_service(_config(backend="onnx", model_dir=tmp_path, health_interval_s=0.1))
 
     assert service.wait_for_health(_SERVING, timeout_s=0.5) == _NOT_SERVING
     with pytest.raises(grpc.RpcError) as raised:
@@ -228,7 +227,9 @@ def test_inference_over_grpc(start_service):
 
 def test_inference_server_error_unavailable_items(start_service):
     with InferenceStandIn() as standin:
-        service = start_service(_config(backend="inference", inference_url=standin.url))
+        service = start_service(
+            _config(backend="inference", inference_url=standin.url, inference_backoff_s=0.01)
+        )
         assert service.wait_for_health(_SERVING) == _SERVING
         standin.behaviour = Behaviour.STATUS_500
 

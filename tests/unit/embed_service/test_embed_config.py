@@ -20,6 +20,10 @@ def test_from_env_defaults():
     assert config.clip_version_id == "ViT-B-32"
     assert config.inference_timeout_s == 10.0
     assert config.inference_concurrency == 4
+    assert config.inference_retries == 2
+    assert config.inference_backoff_s == 0.2
+    assert config.health_interval_s == 5.0
+    assert config.health_failure_threshold == 5
     assert config.batch_size == 16
     assert config.max_message_bytes == 32 * 1024 * 1024
     assert config.max_image_pixels == 50_000_000
@@ -39,6 +43,10 @@ def test_from_env_reads_every_variable():
         "IMGSEARCH_EMBED_CLIP_VERSION_ID": "ViT-L-14",
         "IMGSEARCH_EMBED_INFERENCE_TIMEOUT_S": "2.5",
         "IMGSEARCH_EMBED_INFERENCE_CONCURRENCY": "2",
+        "IMGSEARCH_EMBED_INFERENCE_RETRIES": "0",
+        "IMGSEARCH_EMBED_INFERENCE_BACKOFF_S": "0.05",
+        "IMGSEARCH_EMBED_HEALTH_INTERVAL_S": "1.5",
+        "IMGSEARCH_EMBED_HEALTH_FAILURE_THRESHOLD": "7",
         "IMGSEARCH_EMBED_BATCH_SIZE": "4",
         "IMGSEARCH_EMBED_MAX_MESSAGE_BYTES": "1048576",
         "IMGSEARCH_EMBED_MAX_IMAGE_PIXELS": "1000",
@@ -59,6 +67,10 @@ def test_from_env_reads_every_variable():
         clip_version_id="ViT-L-14",
         inference_timeout_s=2.5,
         inference_concurrency=2,
+        inference_retries=0,
+        inference_backoff_s=0.05,
+        health_interval_s=1.5,
+        health_failure_threshold=7,
         batch_size=4,
         max_message_bytes=1048576,
         max_image_pixels=1000,
@@ -78,6 +90,11 @@ def test_from_env_reads_every_variable():
         ("INFERENCE_CONCURRENCY", "0"),
         ("INFERENCE_TIMEOUT_S", "0"),
         ("INFERENCE_TIMEOUT_S", "soon"),
+        ("INFERENCE_RETRIES", "-1"),
+        ("INFERENCE_RETRIES", "two"),
+        ("INFERENCE_BACKOFF_S", "-0.1"),
+        ("HEALTH_INTERVAL_S", "0"),
+        ("HEALTH_FAILURE_THRESHOLD", "0"),
         ("MAX_WORKERS", "0"),
         ("ONNX_THREADS", "-1"),
         ("GRACE_S", "-1"),

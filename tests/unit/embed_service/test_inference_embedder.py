@@ -2,7 +2,7 @@
 
 The stand-in (tests/fakes/inference_standin.py) speaks the Roboflow Inference JSON but is not
 the real server: its vectors are seeded functions of the image bytes. Tests against a real
-Inference server join the suite later.
+Inference server are in tests/inference/ (make test-inference).
 """
 
 import base64
@@ -29,9 +29,17 @@ def standin():
         yield server
 
 
-def _embedder(url: str, api_key: str = "", timeout_s: float = 5.0, concurrency: int = 4) -> InferenceEmbedder:
+def _embedder(
+    url: str, api_key: str = "", timeout_s: float = 5.0, concurrency: int = 4, retries: int = 2
+) -> InferenceEmbedder:
     return InferenceEmbedder(
-        url=url, api_key=api_key, clip_version_id="ViT-B-32", timeout_s=timeout_s, concurrency=concurrency
+        url=url,
+        api_key=api_key,
+        clip_version_id="ViT-B-32",
+        timeout_s=timeout_s,
+        concurrency=concurrency,
+        retries=retries,
+        backoff_s=0.01,
     )
 
 
@@ -190,7 +198,7 @@ def test_inference_server_timeout_unavailable(standin):
         embedder.close()
 
     assert isinstance(result, UnavailableError)
-    assert "did not respond within 0.2 s" in str(result)
+    assert "did not complete its response within 0.2 s" in str(result)
     assert status_for(result)[0] is grpc.StatusCode.UNAVAILABLE
 
 
@@ -228,14 +236,14 @@ def test_inference_connection_refused_unavailable():
 
 def test_inference_failure_log_omits_api_key(standin):
     standin.behaviour = Behaviour.STATUS_500
-    embedder = _embedder(standin.url, api_key=_API_KEY)
+    embedder = _embedder(standin.url, api_key=_API_KEY, retries=1)
     try:
         with capture_logs() as logs:
             embedder.embed_images([solid_png(8, 8, (0, 0, 0))], math.inf)
     finally:
         embedder.close()
 
-    assert [entry["event"] for entry in logs] == ["inference_requests_failed"]
+    assert [entry["event"] for entry in logs] == ["inference_request_retried", "inference_requests_failed"]
     assert _API_KEY not in repr(logs)
 
 
