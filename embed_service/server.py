@@ -7,6 +7,7 @@ import numpy as np
 import structlog
 from grpc_health.v1 import health
 
+from embed_service.analysis import ImageAnalyser
 from embed_service.backends import Embedder, create_embedder
 from embed_service.backends.base import ModelInfo
 from embed_service.config import EmbedConfig
@@ -38,7 +39,12 @@ def build_server(config: EmbedConfig) -> tuple[grpc.Server, health.HealthService
         embedder, health_servicer, config.health_interval_s, config.health_failure_threshold
     )
     embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(
-        EmbedServicer(HealthRecordingEmbedder(embedder, backend_health), config.batch_size), server
+        EmbedServicer(
+            HealthRecordingEmbedder(embedder, backend_health),
+            config.batch_size,
+            ImageAnalyser(config.max_image_pixels),
+        ),
+        server,
     )
     try:
         port = server.add_insecure_port(config.listen)

@@ -7,11 +7,13 @@ import grpc
 import numpy as np
 import structlog
 
+from embed_service.analysis import AnalysedImage, ImageAnalyser
 from embed_service.backends.base import Embedder
 from imgsearch.common.v1 import common_pb2
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import grpc_errors
-from imgsearch_common.errors import InvalidInputError
+from imgsearch_common.errors import ImgsearchError
+from imgsearch_common.fingerprints import Fingerprint
 from imgsearch_common.serving import remaining_seconds
 from imgsearch_common.streams import RequestBatcher
 
@@ -23,9 +25,10 @@ SERVICE_NAME = embed_service_pb2.DESCRIPTOR.services_by_name["EmbedService"].ful
 class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
     """Serves EmbedImages and GetModelInfo over one embedder."""
 
-    def __init__(self, embedder: Embedder, batch_size: int):
+    def __init__(self, embedder: Embedder, batch_size: int, analyser: ImageAnalyser | None = None):
         self._embedder = embedder
         self._batch_size = batch_size
+        self._analyser = analyser or ImageAnalyser()
 
     def EmbedImages(self, request_iterator, context):
         reader = RequestBatcher(request_iterator, max_buffered=2 * self._batch_size, name="embed-reader")
@@ -50,15 +53,17 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         self, batch: list[embed_service_pb2.EmbedImagesRequest], context: grpc.ServicerContext
     ) -> list[embed_service_pb2.EmbedImagesResponse]:
         started = time.monotonic()
-        results, model_id = self._embed_requests(batch, remaining_seconds(context, math.inf))
+        analysed = self._analyser.analyse([request.image for request in batch])
+        results, model_id = self._embed_analysed(analysed, remaining_seconds(context, math.inf))
 
         item_errors: dict[int, common_pb2.ItemError] = {}
         responses = []
-        for request, result in zip(batch, results, strict=True):
+        for request, analysis, result in zip(batch, analysed, results, strict=True):
             response = embed_service_pb2.EmbedImagesResponse(correlation_id=request.correlation_id)
             if isinstance(result, np.ndarray):
                 response.embedding.values.extend(result.tolist())
                 response.embedding.model_id = model_id
+                response.fingerprint.CopyFrom(_fingerprint_message(analysis.fingerprint))
             else:
                 # A batch-wide error is one object shared by every item, so it is converted and logged once.
                 if id(result) not in item_errors:
@@ -72,19 +77,17 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         )
         return responses
 
-    def _embed_requests(
-        self, batch: list[embed_service_pb2.EmbedImagesRequest], timeout_s: float
+    def _embed_analysed(
+        self, analysed: list[AnalysedImage | ImgsearchError], timeout_s: float
     ) -> tuple[list[np.ndarray | BaseException], str]:
-        """Return one vector or exception per request, and the model_id of the vectors."""
-        results: list[np.ndarray | BaseException] = [
-            InvalidInputError("image is empty (0 bytes)") for _ in batch
-        ]
-        positions = [index for index, request in enumerate(batch) if request.image]
+        """Return one vector or exception per image, and the model_id of the vectors."""
+        results: list[np.ndarray | BaseException] = list(analysed)
+        positions = [index for index, analysis in enumerate(analysed) if isinstance(analysis, AnalysedImage)]
         if not positions:
             return results, ""
 
         try:
-            embedded = self._embedder.embed_images([batch[index].image for index in positions], timeout_s)
+            embedded = self._embedder.embed_images([analysed[index].decoded for index in positions], timeout_s)
             # info() runs only after a success, because the Inference backend learns its dim from the
             # first embedding and would otherwise send a probe request.
             model_id = self._embedder.info().model_id if _any_vector(embedded) else ""
@@ -93,6 +96,17 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         for index, result in zip(positions, embedded, strict=True):
             results[index] = result
         return results, model_id
+
+
+def _fingerprint_message(fingerprint: Fingerprint) -> common_pb2.ImageFingerprint:
+    return common_pb2.ImageFingerprint(
+        version=fingerprint.version,
+        pixel_sha256=fingerprint.pixel_sha256,
+        phash=fingerprint.phash,
+        width=fingerprint.width,
+        height=fingerprint.height,
+        layout=fingerprint.layout,
+    )
 
 
 def _any_vector(results: list) -> bool:

@@ -40,6 +40,29 @@ def describe_image(data: bytes, max_pixels: int) -> ImageInfo:
     return ImageInfo(format=image.format or "unknown", width=width, height=height)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """Image bytes together with their decoded 8-bit RGB picture, so that they are decoded once."""
+
+    data: bytes
+    picture: Image.Image
+    # Whether the source had an alpha channel or a transparent colour, now composited on white.
+    had_transparency: bool
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Decode image bytes into their displayed 8-bit RGB picture; see decode_rgb for the rules."""
+    image = _open(data, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise InvalidInputError(f"image could not be decoded ({image.format}): {error}") from error
+
+    had_transparency = image.mode in _ALPHA_MODES or "transparency" in image.info
+    picture = to_rgb(_apply_orientation(image))
+    return DecodedImage(data=data, picture=picture, had_transparency=had_transparency)
+
+
 def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
     """Decode image bytes into an 8-bit RGB picture as it is displayed.
 
@@ -47,14 +70,7 @@ def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
     float greyscale are scaled to 8 bits. Raises InvalidInputError for bytes that are not a
     complete image of a supported format, and TooLargeError above max_pixels.
     """
-    image = _open(data, max_pixels)
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise InvalidInputError(f"image could not be decoded ({image.format}): {error}") from error
-
-    image = _apply_orientation(image)
-    return to_rgb(image)
+    return decode_image(data, max_pixels).picture
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

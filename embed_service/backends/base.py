@@ -5,7 +5,13 @@ from typing import Protocol
 
 import numpy as np
 
+from PIL import Image
+
 from imgsearch_common.errors import ImgsearchError, UnavailableError
+from imgsearch_common.images import DecodedImage, decode_rgb
+
+# An image as encoded bytes, or already decoded by the caller so that backends need not decode again.
+ImageInput = bytes | DecodedImage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +32,7 @@ class Embedder(Protocol):
     def info(self) -> ModelInfo:
         """Return the model description, or raise UnavailableError while the embedder cannot learn it."""
 
-    def embed_images(self, images: list[bytes], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
+    def embed_images(self, images: list[ImageInput], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
         """Embed each image and return one entry per input, in order.
 
         An entry is either a float32 embedding of norm 1 or the domain error of that image.
@@ -51,3 +57,10 @@ def l2_normalise(vector: np.ndarray) -> np.ndarray:
     if not np.isfinite(norm) or norm == 0.0:
         raise UnavailableError(f"the model returned an embedding that cannot be normalised (norm {norm})")
     return (vector / np.float32(norm)).astype(np.float32)
+
+
+def picture_of(image: ImageInput, max_pixels: int) -> Image.Image:
+    """Return the RGB picture of an image, decoding it only when the caller has not."""
+    if isinstance(image, DecodedImage):
+        return image.picture
+    return decode_rgb(image, max_pixels)

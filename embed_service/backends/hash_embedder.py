@@ -6,9 +6,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from embed_service.backends.base import ModelInfo, l2_normalise
+from embed_service.backends.base import ImageInput, ModelInfo, l2_normalise, picture_of
 from imgsearch_common.errors import DeadlineExceededError, ImgsearchError, UnavailableError
-from imgsearch_common.images import decode_rgb
 
 MODEL_ID = "hash-test-v1"
 BACKEND = "hash"
@@ -36,7 +35,7 @@ class HashEmbedder:
     def info(self) -> ModelInfo:
         return ModelInfo(model_id=MODEL_ID, dim=DIM, backend=BACKEND)
 
-    def embed_images(self, images: list[bytes], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
+    def embed_images(self, images: list[ImageInput], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
         self.check_ready()
         deadline = time.monotonic() + timeout_s
         results: list[np.ndarray | ImgsearchError] = []
@@ -54,9 +53,9 @@ class HashEmbedder:
     def close(self) -> None:
         self._closed.set()
 
-    def _embed_or_error(self, data: bytes) -> np.ndarray | ImgsearchError:
+    def _embed_or_error(self, data: ImageInput) -> np.ndarray | ImgsearchError:
         try:
-            image = decode_rgb(data, self._max_image_pixels)
+            image = picture_of(data, self._max_image_pixels)
             return self._embed_picture(image)
         except ImgsearchError as error:
             return error

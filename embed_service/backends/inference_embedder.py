@@ -17,7 +17,7 @@ import urllib3
 from PIL import Image
 from requests.adapters import HTTPAdapter
 
-from embed_service.backends.base import ModelInfo, l2_normalise
+from embed_service.backends.base import ImageInput, ModelInfo, l2_normalise
 from imgsearch_common.errors import (
     DeadlineExceededError,
     ImgsearchError,
@@ -25,6 +25,7 @@ from imgsearch_common.errors import (
     TooLargeError,
     UnavailableError,
 )
+from imgsearch_common.images import DecodedImage
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +102,7 @@ class InferenceEmbedder:
             self.check_ready()
         return ModelInfo(model_id=self._clip_version_id, dim=self._dim, backend=BACKEND)
 
-    def embed_images(self, images: list[bytes], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
+    def embed_images(self, images: list[ImageInput], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
         self._raise_if_closed()
         deadline = time.monotonic() + timeout_s
         pending = [self._pool.submit(self._embed_one, data, deadline) for data in images]
@@ -133,9 +134,9 @@ class InferenceEmbedder:
         if self._closed.is_set():
             raise UnavailableError("the Inference embedder is closed")
 
-    def _embed_one(self, data: bytes, deadline: float) -> np.ndarray | ImgsearchError:
+    def _embed_one(self, image: ImageInput, deadline: float) -> np.ndarray | ImgsearchError:
         try:
-            return self._embed_with_retries(self._payload(data), deadline)
+            return self._embed_with_retries(self._payload(_bytes_to_send(image)), deadline)
         except ImgsearchError as error:
             return error
 
@@ -348,6 +349,22 @@ def _vector_from_json(body) -> np.ndarray:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bytes_to_send(image: ImageInput) -> bytes:
+    """Return the bytes to send: the caller's, except for a decoded image that had transparency.
+
+    The server drops the alpha channel and keeps the colours under transparent pixels, while the
+    onnx backend composites them on white; sending the composited picture as PNG keeps the two
+    backends' embeddings of such images equal.
+    """
+    if isinstance(image, DecodedImage):
+        if image.had_transparency:
+            buffer = io.BytesIO()
+            image.picture.save(buffer, format="PNG")
+            return buffer.getvalue()
+        return image.data
+    return image
 
 
 @functools.cache

@@ -13,10 +13,9 @@ import numpy as np
 import onnxruntime
 import structlog
 
-from embed_service.backends.base import ModelInfo, l2_normalise
+from embed_service.backends.base import ImageInput, ModelInfo, l2_normalise, picture_of
 from embed_service.preprocess import INPUT_SIZE, preprocess
 from imgsearch_common.errors import DeadlineExceededError, ImgsearchError, UnavailableError
-from imgsearch_common.images import decode_rgb
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +64,7 @@ class OnnxEmbedder:
     def check_ready(self) -> None:
         self._loaded_model()
 
-    def embed_images(self, images: list[bytes], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
+    def embed_images(self, images: list[ImageInput], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
         model = self._loaded_model()
         deadline = time.monotonic() + timeout_s
         decode = functools.partial(self._input_or_error, size=model.input_size)
@@ -100,9 +99,9 @@ class OnnxEmbedder:
                 self._model = _load_model(self._model_dir, self._threads)
             return self._model
 
-    def _input_or_error(self, data: bytes, size: int) -> np.ndarray | ImgsearchError:
+    def _input_or_error(self, image: ImageInput, size: int) -> np.ndarray | ImgsearchError:
         try:
-            return preprocess(decode_rgb(data, self._max_image_pixels), size)
+            return preprocess(picture_of(image, self._max_image_pixels), size)
         except ImgsearchError as error:
             return error
 

@@ -4,6 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
+from embed_service.backends.inference_embedder import InferenceEmbedder
+from imgsearch_common.errors import InvalidInputError
 from tests.fakes.images import encode
 from tests.inference.sample_images import odd_mode_images, photo_like, photo_like_images
 from tests.inference.support import CLIP_VERSION_ID, SERVER_MAX_BATCH
@@ -89,7 +91,23 @@ def test_undecodable_items_invalid_argument(inference_service):
     for response in responses[1:4]:
         assert response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert response.error.code_name == "INVALID_ARGUMENT"
-    # The server's own 400 message, so these two were rejected by the server, not by our service.
-    assert "Could not load input image" in responses[1].error.message
-    assert "Could not load input image" in responses[2].error.message
+    # The service decodes each image for its fingerprint, so these never reach the server.
+    assert "not recognised" in responses[1].error.message
+    assert "could not be decoded" in responses[2].error.message
     assert "image is empty" in responses[3].error.message
+
+
+def test_server_400_becomes_item_invalid_argument(inference_url):
+    # Bytes sent straight through the backend, as the service would send an image that Pillow
+    # decodes but the server cannot: the server's HTTP 400 is that item's error alone.
+    embedder = InferenceEmbedder(inference_url, "", CLIP_VERSION_ID, timeout_s=30.0, concurrency=2)
+    good = encode(photo_like(57, 200, 150))
+    try:
+        results = embedder.embed_images([good, b"plain text, not an image", good], timeout_s=60.0)
+    finally:
+        embedder.close()
+
+    assert isinstance(results[0], np.ndarray)
+    assert isinstance(results[1], InvalidInputError)
+    assert "Could not load input image" in str(results[1])
+    assert isinstance(results[2], np.ndarray)

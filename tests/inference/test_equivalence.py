@@ -38,10 +38,8 @@ def _cases() -> dict[str, bytes]:
         "photo_427x640_png": encode(photo_like(63, 427, 640)),
         "photo_640x427_jpeg": encode(photo_like(64, 640, 427), "JPEG", quality=75),
     }
-    # RGBA is left out on purpose: the backends treat transparency differently (test_inference_drops_alpha).
     for mode, data in odd_mode_images().items():
-        if mode != "RGBA":
-            cases[f"mode_{mode}"] = data
+        cases[f"mode_{mode}"] = data
     return cases
 
 
@@ -78,17 +76,15 @@ def test_strip_catches_mistakes(mistake, onnx_service):
     assert cosine(correct, wrong) < _MIN_COSINE
 
 
-def test_inference_drops_alpha(onnx_service, inference_service):
-    """The server drops alpha and keeps the colours under transparent pixels (OpenCV IMREAD_COLOR).
-
-    The onnx backend composites transparent pixels on white instead, so for this image the two
-    backends disagree. If the inference backend is changed to flatten transparency first, this
-    test fails and should then check agreement instead.
+def test_transparency_flattened_like_onnx(onnx_service, inference_service):
+    """The server alone drops alpha and keeps the colours under transparent pixels (OpenCV
+    IMREAD_COLOR). The inference backend therefore sends such images composited on white, as the
+    onnx backend sees them, and the two agree.
     """
     rgba_png, rgb_picture = half_transparent_png()
 
     [server] = inference_service.embed_vectors([rgba_png])
     alpha_dropped, composited = onnx_service.embed_vectors([encode(rgb_picture), rgba_png])
 
-    assert cosine(server, alpha_dropped) >= _MIN_COSINE
-    assert cosine(server, composited) < _MIN_COSINE
+    assert cosine(server, composited) >= _MIN_COSINE
+    assert cosine(server, alpha_dropped) < _MIN_COSINE

@@ -5,6 +5,7 @@ the Roboflow JSON. Tests against a real Inference server are in tests/inference/
 """
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -21,13 +22,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from embed_service import server as embed_server
 from embed_service.backends.onnx_embedder import OnnxEmbedder
 from embed_service.config import EmbedConfig
 from embed_service.servicer import SERVICE_NAME
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
-from tests.fakes.images import noise_images, noise_png, solid_png
+from imgsearch_common.fingerprints import FINGERPRINT_VERSION, LAYOUT_BYTES
+from tests.fakes.images import encode, noise_images, noise_png, solid_png
 from tests.fakes.inference_standin import Behaviour, InferenceStandIn, fake_embedding
 from tests.fakes.onnx_models import write_model
 
@@ -217,7 +220,10 @@ def test_inference_over_grpc(start_service):
     assert (info.model_id, info.dim, info.backend) == ("ViT-B-32", 512, "inference")
     assert [response.correlation_id for response in responses] == ["i0", "i1", "text", "i2", "i3", "i4"]
     assert responses[2].error.code_name == "INVALID_ARGUMENT"
-    assert "Could not load valid image" in responses[2].error.message
+    # The embed service decodes every image itself (for its fingerprint), so bytes that are no image
+    # never reach the Inference server. Its own HTTP 400 is covered by the backend's unit tests.
+    assert "not recognised" in responses[2].error.message
+    assert len(standin.requests) == 1 + len(images)  # the readiness probe, then one per image
     embedded = [response for response in responses if response.correlation_id != "text"]
     for response, image in zip(embedded, images, strict=True):
         expected = fake_embedding(image)
@@ -346,3 +352,28 @@ def test_python_m_bad_config_exits_2():
 
     assert completed.returncode == 2
     assert "IMGSEARCH_EMBED_BACKEND must be one of onnx, inference, hash" in completed.stderr
+
+
+def test_fingerprint_same_pixels_other_bytes(local_config, start_service):
+    service = start_service(local_config)
+    jpeg = encode(Image.fromarray(np.random.default_rng(8).integers(0, 256, (48, 64, 3), np.uint8)), "JPEG")
+    lossless_copy = encode(Image.open(io.BytesIO(jpeg)), "PNG")
+    other = noise_png(64, 48, seed=9)
+
+    responses = service.embed([_request(jpeg, "jpeg"), _request(lossless_copy, "png"), _request(other, "other")])
+
+    fingerprints = [response.fingerprint for response in responses]
+    assert fingerprints[0].pixel_sha256 == fingerprints[1].pixel_sha256
+    assert fingerprints[0].pixel_sha256 != fingerprints[2].pixel_sha256
+    assert (fingerprints[0].width, fingerprints[0].height) == (64, 48)
+    assert fingerprints[0].version == FINGERPRINT_VERSION
+    assert len(fingerprints[0].layout) == LAYOUT_BYTES
+
+
+def test_failed_item_has_no_fingerprint(local_config, start_service):
+    service = start_service(local_config)
+
+    (response,) = service.embed([_request(b"not an image", "bad")])
+
+    assert response.WhichOneof("result") == "error"
+    assert not response.HasField("fingerprint")

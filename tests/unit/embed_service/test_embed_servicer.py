@@ -8,10 +8,13 @@ import grpc
 import numpy as np
 import pytest
 
+from embed_service.analysis import AnalysedImage
 from embed_service.backends.base import ModelInfo
 from embed_service.servicer import EmbedServicer
 from imgsearch.embed.v1 import embed_service_pb2
 from imgsearch_common.errors import ImgsearchError, InvalidInputError, UnavailableError
+from imgsearch_common.fingerprints import LAYOUT_BYTES, Fingerprint
+from imgsearch_common.images import DecodedImage
 
 _DIM = 4
 
@@ -24,7 +27,7 @@ class FakeEmbedder:
     """
 
     def __init__(self):
-        self.calls: list[tuple[list[bytes], float]] = []
+        self.calls: list[tuple[list[DecodedImage], float]] = []
         self.failure: Exception | None = None
         self.info_failure: Exception | None = None
         self.drop_last_result = False
@@ -34,7 +37,7 @@ class FakeEmbedder:
             raise self.info_failure
         return ModelInfo(model_id="fake-model", dim=_DIM, backend="fake")
 
-    def embed_images(self, images: list[bytes], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
+    def embed_images(self, images: list[DecodedImage], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
         self.calls.append((list(images), timeout_s))
         if self.failure:
             raise self.failure
@@ -48,12 +51,34 @@ class FakeEmbedder:
         pass
 
     @staticmethod
-    def _embed(image: bytes) -> np.ndarray | ImgsearchError:
+    def _embed(image: DecodedImage) -> np.ndarray | ImgsearchError:
+        image = image.data
         if image == b"bad":
             return InvalidInputError("image format not recognised")
         vector = np.zeros(_DIM, dtype=np.float32)
         vector[int(image[1:]) % _DIM] = 1.0
         return vector
+
+
+class FakeAnalyser:
+    """Passes b"vN" and b"bad" through undecoded, with a fixed fingerprint; empty bytes are invalid."""
+
+    FINGERPRINT = Fingerprint(
+        version=1, pixel_sha256="0" * 64, phash=7, width=2, height=1, layout=b"\x00" * LAYOUT_BYTES
+    )
+
+    def analyse(self, images: list[bytes]) -> list[AnalysedImage | ImgsearchError]:
+        return [self._analyse_one(image) for image in images]
+
+    def _analyse_one(self, image: bytes) -> AnalysedImage | ImgsearchError:
+        if not image:
+            return InvalidInputError("image is empty (0 bytes)")
+        decoded = DecodedImage(data=image, picture=None, had_transparency=False)
+        return AnalysedImage(decoded=decoded, fingerprint=self.FINGERPRINT)
+
+
+def _servicer(embedder, batch_size: int) -> EmbedServicer:
+    return EmbedServicer(embedder, batch_size=batch_size, analyser=FakeAnalyser())
 
 
 class AbortedError(Exception):
@@ -92,7 +117,7 @@ def embedder():
 
 
 def test_embed_images_order_and_ids(embedder):
-    servicer = EmbedServicer(embedder, batch_size=3)
+    servicer = _servicer(embedder, batch_size=3)
 
     responses = list(servicer.EmbedImages(iter(_images(10)), FakeContext()))
 
@@ -100,13 +125,14 @@ def test_embed_images_order_and_ids(embedder):
     for index, response in enumerate(responses):
         assert response.WhichOneof("result") == "embedding"
         assert response.embedding.model_id == "fake-model"
+        assert response.fingerprint.phash == FakeAnalyser.FINGERPRINT.phash
         assert list(response.embedding.values) == [
             1.0 if axis == index % _DIM else 0.0 for axis in range(_DIM)
         ]
 
 
 def test_embed_images_batches_bounded(embedder):
-    servicer = EmbedServicer(embedder, batch_size=4)
+    servicer = _servicer(embedder, batch_size=4)
 
     list(servicer.EmbedImages(iter(_images(19)), FakeContext()))
 
@@ -117,7 +143,7 @@ def test_embed_images_batches_bounded(embedder):
 
 def test_embed_images_responds_before_full_batch(embedder):
     # The client sends the second image only after the first response, as an interactive caller does.
-    servicer = EmbedServicer(embedder, batch_size=16)
+    servicer = _servicer(embedder, batch_size=16)
     first_answered = threading.Event()
 
     def requests():
@@ -135,7 +161,7 @@ def test_embed_images_responds_before_full_batch(embedder):
 
 
 def test_embed_images_bad_item_in_middle(embedder):
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
     requests = [_request(b"v0", "a"), _request(b"bad", "b"), _request(b"v2", "c")]
 
     responses = list(servicer.EmbedImages(iter(requests), FakeContext()))
@@ -147,7 +173,7 @@ def test_embed_images_bad_item_in_middle(embedder):
 
 
 def test_embed_images_empty_image_invalid(embedder):
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
     requests = [_request(b"v0", "a"), _request(b"", "empty"), _request(b"v2", "c")]
 
     responses = list(servicer.EmbedImages(iter(requests), FakeContext()))
@@ -159,7 +185,7 @@ def test_embed_images_empty_image_invalid(embedder):
 
 
 def test_embed_images_only_empty_images(embedder):
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     responses = list(servicer.EmbedImages(iter([_request(b"", "x")]), FakeContext()))
 
@@ -170,7 +196,7 @@ def test_embed_images_only_empty_images(embedder):
 def test_embed_images_all_bad_skips_info(embedder):
     # Like the Inference backend before its first embedding: info() would fail, but is not needed.
     embedder.info_failure = UnavailableError("dim not learned yet")
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     responses = list(
         servicer.EmbedImages(iter([_request(b"bad", "x"), _request(b"bad", "y")]), FakeContext())
@@ -181,7 +207,7 @@ def test_embed_images_all_bad_skips_info(embedder):
 
 def test_embed_images_backend_down_unavailable(embedder):
     embedder.failure = UnavailableError("the Inference server is down")
-    servicer = EmbedServicer(embedder, batch_size=2)
+    servicer = _servicer(embedder, batch_size=2)
 
     responses = list(servicer.EmbedImages(iter(_images(5)), FakeContext()))
 
@@ -192,7 +218,7 @@ def test_embed_images_backend_down_unavailable(embedder):
 
 def test_embed_images_backend_bug_internal(embedder):
     embedder.failure = RuntimeError("index out of range in the backend")
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     responses = list(servicer.EmbedImages(iter(_images(2)), FakeContext()))
 
@@ -202,7 +228,7 @@ def test_embed_images_backend_bug_internal(embedder):
 
 def test_embed_images_contract_bug_aborts_internal(embedder):
     embedder.drop_last_result = True
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
     context = FakeContext()
 
     with pytest.raises(AbortedError):
@@ -216,7 +242,7 @@ def test_embed_images_cancelled_stream_ends(embedder):
         yield from _images(2)
         raise grpc.RpcError("the client cancelled the call")
 
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     responses = list(servicer.EmbedImages(cancelled_after_two(), FakeContext()))
 
@@ -224,7 +250,7 @@ def test_embed_images_cancelled_stream_ends(embedder):
 
 
 def test_embed_images_passes_remaining_time(embedder):
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     list(servicer.EmbedImages(iter(_images(1)), FakeContext(time_remaining=2.5)))
     list(servicer.EmbedImages(iter(_images(1)), FakeContext(time_remaining=None)))
@@ -234,14 +260,14 @@ def test_embed_images_passes_remaining_time(embedder):
 
 
 def test_embed_images_empty_stream(embedder):
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     assert list(servicer.EmbedImages(iter([]), FakeContext())) == []
 
 
 def test_embed_images_closed_generator_stops_reader(embedder):
     # A cancelled RPC closes the response generator. The reader must not stay blocked on a full queue.
-    servicer = EmbedServicer(embedder, batch_size=1)
+    servicer = _servicer(embedder, batch_size=1)
     requests: queue.Queue = queue.Queue()
     for request in _images(10):
         requests.put(request)
@@ -264,7 +290,7 @@ def test_embed_images_closed_generator_stops_reader(embedder):
 
 
 def test_get_model_info(embedder):
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
 
     response = servicer.GetModelInfo(embed_service_pb2.GetModelInfoRequest(), FakeContext())
 
@@ -275,7 +301,7 @@ def test_get_model_info(embedder):
 
 def test_get_model_info_unavailable(embedder):
     embedder.info_failure = UnavailableError("ONNX model not found: models/x/visual.onnx does not exist")
-    servicer = EmbedServicer(embedder, batch_size=8)
+    servicer = _servicer(embedder, batch_size=8)
     context = FakeContext()
 
     with pytest.raises(AbortedError):
