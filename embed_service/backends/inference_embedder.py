@@ -42,6 +42,8 @@ _MAX_BODY_BYTES = 16 * 1024 * 1024
 # Upper bound of one backoff, so that a large retry count cannot make an image wait for hours.
 _MAX_BACKOFF_S = 10.0
 _REDACTED = "[redacted]"
+# How long past its deadline a request thread may take to report before the caller gives up on it.
+_RESULT_GRACE_S = 0.05
 
 
 class _RetryableError(UnavailableError):
@@ -104,12 +106,25 @@ class InferenceEmbedder:
 
     def embed_images(self, images: list[ImageInput], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
         self._raise_if_closed()
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         pending = [self._pool.submit(self._embed_one, data, deadline) for data in images]
-        # Every attempt, backoff and wait for a slot of an image is bounded, so these waits end too.
-        results = [future.result() for future in pending]
+        # A server that trickles its headers can hold a request thread past the budget (see _send),
+        # so the caller stops waiting at the deadline, or at the longest that every attempt and
+        # backoff may take when there is no deadline, and the thread finishes on its own.
+        ends = min(deadline, started + (self._retries + 1) * (self._timeout_s + _MAX_BACKOFF_S))
+        results = [self._result_by(future, ends, started, limited_by_caller=ends == deadline) for future in pending]
         _log_failures(results, self._url)
         return results
+
+    def _result_by(
+        self, future: futures.Future, ends: float, started: float, limited_by_caller: bool
+    ) -> np.ndarray | ImgsearchError:
+        try:
+            return future.result(timeout=max(0.0, ends - time.monotonic()) + _RESULT_GRACE_S)
+        except futures.TimeoutError:
+            future.cancel()
+            return self._timeout_error(ends - started, limited_by_caller)
 
     def check_ready(self) -> None:
         """Embed a small probe image with one attempt, and raise UnavailableError if that fails.
@@ -217,7 +232,8 @@ class InferenceEmbedder:
         ends = time.monotonic() + budget
         # total= gives the wait for the status line only what the connect left of the budget.
         # NOTE: that wait is bounded per socket read, not as a whole, so a server that trickles
-        # its status line and headers can hold an attempt past its budget. The body cannot.
+        # its status line and headers can hold this thread past its budget. The body cannot, and
+        # embed_images stops waiting for the thread at the deadline.
         timeout = urllib3.Timeout(total=budget)
         with self._session.post(self._endpoint, json=payload, timeout=timeout, stream=True) as response:
             return response.status_code, _read_body(response, ends)

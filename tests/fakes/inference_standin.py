@@ -47,6 +47,7 @@ class Behaviour:
     SLOW = "slow"  # waits delay_s, then behaves like EMBED
     NO_ANSWER = "no_answer"  # reads the request and never responds, until the client hangs up
     TRICKLE = "trickle"  # sends the headers of a 200 at once, then the body a few bytes at a time
+    TRICKLE_HEADERS = "trickle_headers"  # sends the status line and headers a byte at a time
     DROP_CONNECTION = "drop_connection"  # closes the connection without a response
 
 
@@ -290,6 +291,8 @@ def _make_handler(standin: InferenceStandIn) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
             elif behaviour == Behaviour.TRICKLE:
                 self._trickle(*standin._respond(body, Behaviour.EMBED))
+            elif behaviour == Behaviour.TRICKLE_HEADERS:
+                self._trickle_headers(*standin._respond(body, Behaviour.EMBED))
             else:
                 self._send(*standin._respond(body, behaviour))
 
@@ -314,6 +317,23 @@ def _make_handler(standin: InferenceStandIn) -> type[BaseHTTPRequestHandler]:
                     if standin._closing.wait(standin.trickle_interval_s):
                         break
                     self.wfile.write(payload[start : start + standin.trickle_bytes])
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+
+        def _trickle_headers(self, status: int, payload: bytes) -> None:
+            """Send the status line and headers one byte every trickle_interval_s, then the body."""
+            head = (
+                f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n"
+            ).encode("ascii")
+            try:
+                for index in range(len(head)):
+                    if standin._closing.wait(standin.trickle_interval_s):
+                        break
+                    self.wfile.write(head[index:index + 1])
+                    self.wfile.flush()
+                self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):
                 pass
             self.close_connection = True

@@ -279,6 +279,19 @@ def test_trickled_body_bounded_by_deadline(standin, make_embedder):
     assert elapsed < 0.8
 
 
+def test_trickled_headers_bounded_by_deadline(standin, make_embedder):
+    # One header byte every 20 ms: each socket read is quick, but the headers take about 2 s.
+    standin.behaviour = Behaviour.TRICKLE_HEADERS
+    embedder = make_embedder(standin.url, timeout_s=10.0)
+
+    started = time.monotonic()
+    [result] = embedder.embed_images([_image()], timeout_s=0.3)
+    elapsed = time.monotonic() - started
+
+    assert isinstance(result, DeadlineExceededError)
+    assert elapsed < 0.8
+
+
 def test_no_answer_deadline_exceeded(standin, make_embedder):
     standin.behaviour = Behaviour.NO_ANSWER
     embedder = make_embedder(standin.url, timeout_s=10.0)
