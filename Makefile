@@ -6,7 +6,7 @@ DATASET ?= $(if $(wildcard ../shared/datasets/coco128/images/train2017),../share
 MODEL_DIR ?= models/tiny-clip-random
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos check-protos demo test clean tiny-clip test-inference
+.PHONY: help venv protos check-protos demo test clean tiny-clip bench-dupes test-inference system-deps
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,21 @@ demo: venv ## Ingest COCO128, search with one image, write demo-output/
 
 test: venv ## Run the tests
 	$(BIN)/python -m pytest
+
+COCO128 ?= $(if $(wildcard ../shared/datasets/coco128/images),../shared/datasets/coco128,)
+
+bench-dupes: venv ## Duplicate benchmark on COCO128 variants; writes bench/results/dupes.*
+	@test -n '$(COCO128)' || { echo "set COCO128=DIR, a folder with images/train2017 and labels/train2017"; exit 2; }
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.dupes --dataset '$(COCO128)' --model-dir '$(MODEL_DIR)' --out bench/results
+
+SYSTEM_PACKAGES := chromium chromium-driver iproute2 util-linux
+
+system-deps: ## Install the Debian packages that the full test suite needs (headless Chromium, ip, unshare)
+	@missing=$$(for package in $(SYSTEM_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 clean: ## Remove demo output and caches
 	rm -rf demo-output .pytest_cache

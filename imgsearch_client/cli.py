@@ -5,7 +5,7 @@ import os
 import pathlib
 import sys
 
-from imgsearch_client import commands
+from imgsearch_client import commands, dupes
 from imgsearch_client.arguments import host_port, listen_address, non_negative_int, positive_float, score
 
 DEFAULT_EMBED_ADDR = "127.0.0.1:50051"
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subcommands)
     _add_ingest(subcommands)
     _add_search(subcommands)
+    dupes.add_arguments(_subparser(subcommands, "dupes", "find groups of exact, near or similar duplicates"),
+                        DEFAULT_INDEX_ADDR)
     _add_simple(subcommands, "stats", "print the collection's item count, dim and model", DEFAULT_INDEX_ADDR)
     health = _add_simple(
         subcommands, "health", "check a service's gRPC health; exit 0 when SERVING", DEFAULT_INDEX_ADDR,
@@ -80,6 +82,10 @@ def _add_ingest(subcommands) -> None:
     ingest.add_argument("--json", action="store_true", help="print one JSON object per item, then a summary")
     ingest.add_argument("--timeout", type=positive_float, default=None,
                         help="deadline of the whole stream in seconds; none by default")
+    ingest.add_argument("--on-duplicate", choices=["add", "skip", "reject"],
+                        help="what to do with an image that duplicates a stored item [server default: skip]")
+    ingest.add_argument("--duplicate-match", choices=["exact", "near"],
+                        help="which matches count as duplicates [server default: exact]")
 
 
 def _add_search(subcommands) -> None:
@@ -132,9 +138,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         service = overrides.pop("service")
         return commands.serve(service, os.environ, overrides)
     if args.command == "ingest":
-        return commands.ingest(args.addr, args.paths, as_json=args.json, timeout_s=args.timeout)
+        policy = commands.DuplicatePolicy(args.on_duplicate or "", args.duplicate_match or "")
+        return commands.ingest(args.addr, args.paths, as_json=args.json, timeout_s=args.timeout, policy=policy)
     if args.command == "search":
         return commands.search(args)
+    if args.command == "dupes":
+        return dupes.run(args)
     if args.command == "stats":
         return commands.stats(args.addr, as_json=args.json, timeout_s=args.timeout)
     if args.command == "health":

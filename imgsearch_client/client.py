@@ -1,4 +1,4 @@
-"""A thin client for the index service: ingest streams, search and stats, with plain Python types."""
+"""A thin client for the index service: ingest streams, search, stats and duplicates, with plain Python types."""
 
 import dataclasses
 import threading
@@ -29,12 +29,23 @@ class ClientError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class IngestItem:
-    """One image to ingest: its bytes and optional item_id, uri and metadata."""
+    """One image to ingest: its bytes and optional item_id, uri and metadata.
+
+    on_duplicate is "add", "skip" or "reject" (empty: the server's default, skip); duplicate_match is
+    "exact" or "near" (empty: exact), the matches that count as duplicates.
+    """
 
     image: bytes
     item_id: str = ""
     uri: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    on_duplicate: str = ""
+    duplicate_match: str = ""
+
+    def __post_init__(self):
+        # Checked here, in the caller's thread, rather than while gRPC reads the request stream.
+        _check_choice("on_duplicate", self.on_duplicate, _ON_DUPLICATE_CHOICES)
+        _check_choice("duplicate_match", self.duplicate_match, _DUPLICATE_MATCH_CHOICES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +57,9 @@ class IngestOutcome:
     uri: str
     error_code: str = ""
     error_message: str = ""
+    # The stored item that this image duplicates ("exact" or "near"), when it duplicates one.
+    duplicate_of_item_id: str = ""
+    duplicate_match: str = ""
 
     @property
     def failed(self) -> bool:
@@ -63,7 +77,74 @@ class Neighbour:
     width: int
     height: int
     sha256: str
+    # "exact", "near" or "similar"; "unspecified" when a fingerprint is missing, as for vector queries.
+    match: str = "unspecified"
+    phash_distance: int | None = None
+    local_difference: float | None = None
 
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateCriteria:
+    """Criteria of a FindDuplicates call. None, an empty kinds tuple and k=0 take the server's defaults.
+
+    kinds contains "exact", "near" or "similar", and the server's default is exact and near. The last
+    three fields are the near-duplicate policy, where min_score=-1 lets only the perceptual signals decide.
+    """
+
+    kinds: tuple[str, ...] = ()
+    k: int = 0
+    min_similar_score: float | None = None
+    max_phash_distance: int | None = None
+    max_local_difference: float | None = None
+    min_score: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateMember:
+    """One item of a duplicate group, measured against the group's first member."""
+
+    item_id: str
+    uri: str
+    score: float
+    phash_distance: int | None
+    local_difference: float | None
+    width: int
+    height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateGroup:
+    """Items linked as duplicates; kind is "exact", "near" or "similar", and the first member is the reference."""
+
+    kind: str
+    members: tuple[DuplicateMember, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicatesProgress:
+    """How far a FindDuplicates call has come: items_done of item_count items examined."""
+
+    items_done: int
+    item_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicatesSummary:
+    """The totals that end a FindDuplicates call; group_counts maps a kind such as "exact" to its group count."""
+
+    item_count: int
+    group_counts: dict[str, int]
+    grouped_item_count: int
+
+
+DuplicatesEvent = DuplicatesProgress | DuplicateGroup | DuplicatesSummary
+
+DUPLICATE_KINDS = ("exact", "near", "similar")
+_ON_DUPLICATE_CHOICES = ("add", "skip", "reject")
+_DUPLICATE_MATCH_CHOICES = ("exact", "near")
+_MATCH_KIND_PREFIX = "MATCH_KIND_"
+# uint32 fields cannot carry a negative number, so the client rejects one before sending.
+_UINT32_MAX = 2**32 - 1
 
 _STATUS_NAMES = {
     index_service_pb2.INGEST_STATUS_ADDED: "added",
@@ -107,9 +188,7 @@ class IndexClient:
                 while not window.acquire(timeout=0.2):
                     if finished.is_set():
                         return
-                yield index_service_pb2.IngestImagesRequest(
-                    image=item.image, item_id=item.item_id, uri=item.uri, metadata=dict(item.metadata)
-                )
+                yield _ingest_request(item)
 
         try:
             for response in self._stub.IngestImages(requests(), timeout=timeout_s):
@@ -151,6 +230,27 @@ class IndexClient:
             "index_device": response.index_device,
         }
 
+    def find_duplicates(
+        self, criteria: DuplicateCriteria | None = None, timeout_s: float | None = None
+    ) -> Iterator[DuplicatesEvent]:
+        """Yield FindDuplicates' progress, then each group, then the summary, as they arrive.
+
+        timeout_s bounds the whole stream; by default there is no deadline, as for ingest streams.
+        Raises ValueError for criteria that the request cannot carry, and ClientError when the call fails.
+        Closing the iterator early cancels the call.
+        """
+        request = _find_duplicates_request(criteria or DuplicateCriteria())
+        responses = self._stub.FindDuplicates(request, timeout=timeout_s)
+        try:
+            for response in responses:
+                event = _duplicates_event_from_proto(response)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        finally:
+            responses.cancel()
+
 
 def check_health(addr: str, service: str = "", timeout_s: float = 5.0) -> str:
     """Return the health status name (for example "SERVING") that the server at addr reports."""
@@ -179,14 +279,35 @@ def _search_request(image, embedding, item_id, k, min_score) -> index_service_pb
     return request
 
 
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value and value not in choices:
+        raise ValueError(f"{field} must be one of {', '.join(choices)} or empty, got {value!r}")
+
+
+def _ingest_request(item: IngestItem) -> index_service_pb2.IngestImagesRequest:
+    request = index_service_pb2.IngestImagesRequest(
+        image=item.image, item_id=item.item_id, uri=item.uri, metadata=dict(item.metadata)
+    )
+    if item.on_duplicate:
+        request.on_duplicate = index_service_pb2.OnDuplicate.Value("ON_DUPLICATE_" + item.on_duplicate.upper())
+    if item.duplicate_match:
+        request.duplicate_match = index_service_pb2.MatchKind.Value(_MATCH_KIND_PREFIX + item.duplicate_match.upper())
+    return request
+
+
 def _outcome_from_proto(response: index_service_pb2.IngestImagesResponse) -> IngestOutcome:
     failed = response.status == index_service_pb2.INGEST_STATUS_FAILED
+    duplicate_match = ""
+    if response.duplicate_of_item_id:
+        duplicate_match = _group_kind(response.duplicate_match)
     return IngestOutcome(
         item_id=response.item_id,
         status=_STATUS_NAMES.get(response.status, "unknown"),
         uri=response.uri,
         error_code=response.error.code_name if failed else "",
         error_message=response.error.message if failed else "",
+        duplicate_of_item_id=response.duplicate_of_item_id,
+        duplicate_match=duplicate_match,
     )
 
 
@@ -199,4 +320,78 @@ def _neighbour_from_proto(neighbour: index_service_pb2.Neighbour) -> Neighbour:
         width=neighbour.width,
         height=neighbour.height,
         sha256=neighbour.sha256,
+        match=_group_kind(neighbour.match),
+        phash_distance=neighbour.phash_distance if neighbour.HasField("phash_distance") else None,
+        local_difference=neighbour.local_difference if neighbour.HasField("local_difference") else None,
+    )
+
+
+def _find_duplicates_request(criteria: DuplicateCriteria) -> index_service_pb2.FindDuplicatesRequest:
+    unknown = [kind for kind in criteria.kinds if kind not in DUPLICATE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown duplicate kind {unknown[0]!r}; expected one of {', '.join(DUPLICATE_KINDS)}")
+    _check_uint32("k", criteria.k)
+    request = index_service_pb2.FindDuplicatesRequest(
+        kinds=[index_service_pb2.MatchKind.Value(_MATCH_KIND_PREFIX + kind.upper()) for kind in criteria.kinds],
+        k=criteria.k,
+    )
+    if criteria.min_similar_score is not None:
+        request.min_similar_score = criteria.min_similar_score
+
+    policy = request.near_duplicate_policy
+    if criteria.max_phash_distance is not None:
+        _check_uint32("max_phash_distance", criteria.max_phash_distance)
+        policy.max_phash_distance = criteria.max_phash_distance
+    if criteria.max_local_difference is not None:
+        policy.max_local_difference = criteria.max_local_difference
+    if criteria.min_score is not None:
+        policy.min_score = criteria.min_score
+    return request
+
+
+def _check_uint32(name: str, value: int) -> None:
+    if not 0 <= value <= _UINT32_MAX:
+        raise ValueError(f"{name} must be from 0 to {_UINT32_MAX}, got {value}")
+
+
+def _duplicates_event_from_proto(response: index_service_pb2.FindDuplicatesResponse) -> DuplicatesEvent | None:
+    """Convert one stream message. A message with no event set, as a newer server might send, gives None."""
+    event = response.WhichOneof("event")
+    if event == "progress":
+        return DuplicatesProgress(items_done=response.progress.items_done, item_count=response.progress.item_count)
+    if event == "group":
+        return DuplicateGroup(
+            kind=_group_kind(response.group.kind),
+            members=tuple(_member_from_proto(member) for member in response.group.members),
+        )
+    if event == "summary":
+        return DuplicatesSummary(
+            item_count=response.summary.item_count,
+            group_counts={_kind_name(name): count for name, count in response.summary.group_counts.items()},
+            grouped_item_count=response.summary.grouped_item_count,
+        )
+    return None
+
+
+def _group_kind(match_kind: int) -> str:
+    """Name a group's MatchKind. A number that this client does not know, from a newer server, stays visible."""
+    if match_kind not in index_service_pb2.MatchKind.values():
+        return f"unknown ({match_kind})"
+    return _kind_name(index_service_pb2.MatchKind.Name(match_kind))
+
+
+def _kind_name(match_kind_name: str) -> str:
+    """Turn a MatchKind name such as "MATCH_KIND_EXACT" into the client's kind, "exact"."""
+    return match_kind_name.removeprefix(_MATCH_KIND_PREFIX).lower()
+
+
+def _member_from_proto(member: index_service_pb2.DuplicateMember) -> DuplicateMember:
+    return DuplicateMember(
+        item_id=member.item_id,
+        uri=member.uri,
+        score=member.score,
+        phash_distance=member.phash_distance if member.HasField("phash_distance") else None,
+        local_difference=member.local_difference if member.HasField("local_difference") else None,
+        width=member.width,
+        height=member.height,
     )

@@ -20,6 +20,14 @@ class CommandError(Exception):
     """A command failed; the message is printed as one line."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DuplicatePolicy:
+    """What ingest asks the server to do with duplicates; empty strings take the server's defaults."""
+
+    on_duplicate: str = ""
+    duplicate_match: str = ""
+
+
 def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
     """Run the embed or index service in the foreground until SIGTERM or SIGINT."""
     if service == "embed":
@@ -42,7 +50,9 @@ def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, obje
     return 0
 
 
-def ingest(addr: str, paths: list[str], as_json: bool, timeout_s: float | None) -> int:
+def ingest(
+    addr: str, paths: list[str], as_json: bool, timeout_s: float | None, policy: DuplicatePolicy = DuplicatePolicy()
+) -> int:
     """Stream every image under paths to the index service; return 1 when any item failed."""
     try:
         files = list(find_images(paths))
@@ -53,7 +63,7 @@ def ingest(addr: str, paths: list[str], as_json: bool, timeout_s: float | None) 
 
     with IndexClient(addr) as client, tqdm(total=len(files), unit="image", desc="ingest", file=sys.stderr) as bar:
         try:
-            for outcome in client.ingest(_items(files, read_errors), timeout_s=timeout_s):
+            for outcome in client.ingest(_items(files, read_errors, policy), timeout_s=timeout_s):
                 counts[outcome.status] += 1
                 bar.update()
                 _report_outcome(outcome, as_json, bar)
@@ -71,7 +81,7 @@ def ingest(addr: str, paths: list[str], as_json: bool, timeout_s: float | None) 
     return 1 if counts["failed"] else 0
 
 
-def _items(files: list[pathlib.Path], read_errors: list[CommandError]):
+def _items(files: list[pathlib.Path], read_errors: list[CommandError], policy: DuplicatePolicy):
     """Yield an IngestItem per file; a file that cannot be read ends the stream and is kept in read_errors."""
     for path in files:
         try:
@@ -79,7 +89,12 @@ def _items(files: list[pathlib.Path], read_errors: list[CommandError]):
         except CommandError as error:
             read_errors.append(error)
             return
-        yield IngestItem(image=image, uri=str(path.resolve()))
+        yield IngestItem(
+            image=image,
+            uri=str(path.resolve()),
+            on_duplicate=policy.on_duplicate,
+            duplicate_match=policy.duplicate_match,
+        )
 
 
 def _read(path: pathlib.Path) -> bytes:
@@ -92,6 +107,8 @@ def _read(path: pathlib.Path) -> bytes:
 def _report_outcome(outcome, as_json: bool, bar: tqdm) -> None:
     if as_json:
         record = {"uri": outcome.uri, "item_id": outcome.item_id, "status": outcome.status}
+        if outcome.duplicate_of_item_id:
+            record["duplicate_of"] = {"item_id": outcome.duplicate_of_item_id, "match": outcome.duplicate_match}
         if outcome.failed:
             record["error"] = {"code": outcome.error_code, "message": outcome.error_message}
         bar.clear()
@@ -116,7 +133,7 @@ def search(args) -> int:
         print("no neighbours found: the collection is empty, or min-score left every item out", file=sys.stderr)
     else:
         for rank, neighbour in enumerate(neighbours, start=1):
-            print(f"{rank:3d}  {neighbour.score:+.4f}  {neighbour.item_id}  {neighbour.uri}")
+            print(f"{rank:3d}  {neighbour.score:+.4f}  {neighbour.match:<11}  {neighbour.item_id}  {neighbour.uri}")
     if args.grid:
         _write_grid(query, neighbours, args.grid)
     return 0

@@ -64,3 +64,25 @@ def abort_on_error(method):
             context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)
 
     return wrapper
+
+
+def abort_on_stream_error(method):
+    """Wrap a response-streaming servicer method as abort_on_error wraps a unary one.
+
+    Responses already sent stay sent; the error then ends the stream with its status.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except errors.ImgsearchError as error:
+            code, message = status_for(error)
+            context.abort(code, message)
+        except Exception:
+            if context.code() is not None:
+                raise  # context.abort() raises too; keep the status it set.
+            log.exception("rpc_failed_unexpectedly", method=method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)
+
+    return wrapper

@@ -1,4 +1,4 @@
-"""The collection core: ingest, search and stats over the store, the faiss index and an embedder."""
+"""The collection core: ingest, search, duplicate audits and stats over the store, the indexes and an embedder."""
 
 import dataclasses
 import enum
@@ -6,7 +6,7 @@ import hashlib
 import math
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import structlog
@@ -21,8 +21,21 @@ from imgsearch_common.errors import (
     TooLargeError,
     UnavailableError,
 )
+from imgsearch_common.fingerprints import Fingerprint
 from imgsearch_common.images import describe_image
+from index_service.audit import AuditEvent, DuplicateAudit, audit_settings
+from index_service.candidates import CandidateFinder, Duplicate, MatchedItem, PendingItem
+from index_service.duplicates import (
+    MATCH_RANK,
+    MatchKind,
+    NearDuplicatePolicy,
+    OnDuplicate,
+    PolicyOverrides,
+    classify,
+    measurable,
+)
 from index_service.embedder import Embedder, Embedding
+from index_service.phash_index import PhashIndex
 from index_service.store import NewItem, Store, StoredItem
 from index_service.vector_index import Hit, VectorIndex
 
@@ -43,16 +56,23 @@ class CollectionLimits:
     max_k: int = 1000
     max_image_bytes: int = 24 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    near_max_candidates: int = 200
 
 
 @dataclasses.dataclass(frozen=True)
 class IngestItem:
-    """One image to add, with its optional caller-chosen item_id, uri and metadata."""
+    """One image to add, with its optional caller-chosen item_id, uri and metadata.
+
+    on_duplicate sets what happens when the image duplicates a stored item or an earlier item of
+    its batch, and duplicate_match sets which matches count: EXACT, or NEAR for exact or near.
+    """
 
     image: bytes
     item_id: str = ""
     uri: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    on_duplicate: OnDuplicate = OnDuplicate.SKIP
+    duplicate_match: MatchKind = MatchKind.EXACT
 
 
 class IngestStatus(enum.Enum):
@@ -65,11 +85,17 @@ class IngestStatus(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class IngestResult:
-    """The outcome of one ingested item; error is set only when status is FAILED."""
+    """The outcome of one ingested item; error is set only when status is FAILED.
+
+    duplicate_of_item_id names the item that the image duplicates, with duplicate_match saying
+    how, when the duplicate policy found one.
+    """
 
     status: IngestStatus
     item_id: str = ""
     error: ImgsearchError | None = None
+    duplicate_of_item_id: str = ""
+    duplicate_match: MatchKind = MatchKind.UNSPECIFIED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +125,11 @@ Query = ImageQuery | VectorQuery | ItemQuery
 
 @dataclasses.dataclass(frozen=True)
 class Neighbour:
-    """A stored item found by a search, with its cosine similarity score to the query."""
+    """A stored item found by a search, with its cosine similarity score to the query and how it matches it.
+
+    phash_distance is None unless both fingerprints are known, and local_difference is None unless
+    the pair also passed the pHash test.
+    """
 
     item_id: str
     score: float
@@ -108,6 +138,9 @@ class Neighbour:
     width: int
     height: int
     sha256: str
+    match: MatchKind = MatchKind.UNSPECIFIED
+    phash_distance: int | None = None
+    local_difference: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +166,16 @@ class _Candidate:
     height: int
     metadata: dict[str, str]
     image: bytes
+    on_duplicate: OnDuplicate
+    duplicate_match: MatchKind
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryTarget:
+    """The query's unit vector and, for an image or item query, its fingerprint, which a search compares items with."""
+
+    vector: np.ndarray
+    fingerprint: Fingerprint | None
 
 
 class Collection:
@@ -141,11 +184,21 @@ class Collection:
     Call load() once before serving. Ingest and search may run from many threads.
     """
 
-    def __init__(self, store: Store, vector_index: VectorIndex, embedder: Embedder, limits: CollectionLimits):
+    def __init__(
+        self,
+        store: Store,
+        vector_index: VectorIndex,
+        embedder: Embedder,
+        limits: CollectionLimits,
+        near_policy: NearDuplicatePolicy = NearDuplicatePolicy(),
+    ):
         self._store = store
         self._index = vector_index
         self._embedder = embedder
         self._limits = limits
+        self._near_policy = near_policy
+        self._phash_index = PhashIndex()
+        self._candidates = CandidateFinder(store, vector_index, self._phash_index, limits.near_max_candidates)
         # Serialises the re-check, store write and index add of ingests, so that concurrent
         # streams cannot store the same bytes or item_id twice.
         self._commit_lock = threading.Lock()
@@ -158,7 +211,7 @@ class Collection:
         return self._model_id or ""
 
     def load(self) -> int:
-        """Rebuild the faiss index from every vector in the store and return the item count."""
+        """Rebuild the faiss and pHash indexes from the store and return the item count."""
         settings = self._store.settings()
         self._model_id = settings.get(_SETTING_MODEL_ID)
         self._dim = int(settings[_SETTING_DIM]) if _SETTING_DIM in settings else None
@@ -167,7 +220,15 @@ class Collection:
         for row_ids, vectors in self._store.vector_batches():
             self._index.add(row_ids, vectors)
             item_count += len(row_ids)
-        log.info("index_loaded", item_count=item_count, model_id=self._model_id, dim=self._dim)
+        for row_ids, phashes, versions in self._store.phash_batches():
+            self._phash_index.add(row_ids, phashes, versions)
+        log.info(
+            "index_loaded",
+            item_count=item_count,
+            fingerprinted_count=len(self._phash_index),
+            model_id=self._model_id,
+            dim=self._dim,
+        )
         return item_count
 
     def check_embedder(self, timeout_s: float) -> None:
@@ -208,7 +269,10 @@ class Collection:
 
         Items are stored in one durable transaction before they are added to the index and before
         this returns. Bytes that are already stored, or appear earlier in the batch, come back as
-        ALREADY_PRESENT with the stored item_id and are not embedded again.
+        ALREADY_PRESENT with the stored item_id and are not embedded again. An image that
+        duplicates a stored item or an earlier item of the batch, by its fingerprint, is added,
+        skipped or rejected as its on_duplicate sets. CandidateFinder.duplicate_of chooses the item
+        that it duplicates.
         """
         results: list[IngestResult | None] = [None] * len(items)
         candidates = []
@@ -227,6 +291,8 @@ class Collection:
         return results
 
     def _prepare(self, position: int, item: IngestItem) -> _Candidate:
+        if item.duplicate_match not in (MatchKind.EXACT, MatchKind.NEAR):
+            raise InvalidInputError(f"duplicate_match must be EXACT or NEAR, got {item.duplicate_match.name}")
         if item.item_id:
             _validate_item_id(item.item_id)
         _check_image_bytes(item.image, self._limits.max_image_bytes)
@@ -240,6 +306,8 @@ class Collection:
             height=info.height,
             metadata=dict(item.metadata),
             image=item.image,
+            on_duplicate=item.on_duplicate,
+            duplicate_match=item.duplicate_match,
         )
 
     def _drop_stored(self, candidates: list[_Candidate], results: list) -> list[_Candidate]:
@@ -279,11 +347,13 @@ class Collection:
             if vector is None:
                 results[candidate.position] = _failed(_invalid_embedding_from_service())
                 continue
-            embedded.append((candidate, Embedding(vector=vector, model_id=output.model_id)))
+            embedded.append(
+                (candidate, Embedding(vector=vector, model_id=output.model_id, fingerprint=output.fingerprint))
+            )
         return embedded
 
     def _commit(self, embedded: list[tuple[_Candidate, Embedding]], results: list) -> None:
-        """Store the embedded candidates in one transaction, then add them to the index."""
+        """Store the embedded candidates in one transaction, then add them to the indexes."""
         if not embedded:
             return
         with self._commit_lock:
@@ -291,6 +361,7 @@ class Collection:
             still_new = {c.position for c in self._drop_stored([c for c, _ in embedded], results)}
             embedded = [(c, e) for c, e in embedded if c.position in still_new]
             embedded, settings = self._match_model(embedded, results)
+            embedded, duplicate_by_position = self._apply_duplicate_policy(embedded, results)
             if not embedded:
                 return
 
@@ -298,12 +369,52 @@ class Collection:
             if settings:
                 self._model_id, self._dim = settings[_SETTING_MODEL_ID], int(settings[_SETTING_DIM])
             # NOTE: if this add fails (out of memory), the items stay stored but are searchable
-            # only after a restart rebuilds the index, and a retry reports them ALREADY_PRESENT.
+            # only after a restart rebuilds the indexes, and a retry reports them ALREADY_PRESENT.
             self._index.add(np.array(row_ids, dtype=np.int64), np.stack([e.vector for _, e in embedded]))
+            self._add_phashes(row_ids, [e.fingerprint for _, e in embedded])
 
         for candidate, _ in embedded:
-            results[candidate.position] = IngestResult(IngestStatus.ADDED, candidate.item_id)
+            duplicate = duplicate_by_position.get(candidate.position)
+            results[candidate.position] = _added(candidate.item_id, duplicate)
         log.debug("items_added", count=len(embedded), first_row_id=row_ids[0])
+
+    def _add_phashes(self, row_ids: list[int], fingerprints: list[Fingerprint | None]) -> None:
+        known = [(row_id, f) for row_id, f in zip(row_ids, fingerprints, strict=True) if f is not None]
+        self._phash_index.add(
+            np.array([row_id for row_id, _ in known], dtype=np.int64),
+            np.array([f.phash for _, f in known], dtype=np.uint64),
+            np.array([f.version for _, f in known], dtype=np.uint32),
+        )
+
+    def _apply_duplicate_policy(
+        self, embedded: list[tuple[_Candidate, Embedding]], results: list
+    ) -> tuple[list[tuple[_Candidate, Embedding]], dict[int, Duplicate]]:
+        """Apply each candidate's on_duplicate to the item it duplicates, if any.
+
+        Returns the candidates to store, and the duplicates of those among them that duplicate an
+        item. Runs under the commit lock, so that the stored items it compares with cannot change.
+        """
+        hashes = {e.fingerprint.pixel_sha256 for _, e in embedded if e.fingerprint is not None}
+        stored_by_pixel_sha256 = self._store.items_by_pixel_sha256(hashes)
+        kept: list[tuple[_Candidate, Embedding]] = []
+        duplicate_by_position = {}
+        for candidate, embedding in embedded:
+            duplicate = self._candidates.duplicate_of(
+                _pending(candidate, embedding),
+                candidate.duplicate_match,
+                stored_by_pixel_sha256,
+                [_pending(c, e) for c, e in kept],
+                self._near_policy,
+            )
+            if duplicate is None or candidate.on_duplicate is OnDuplicate.ADD:
+                kept.append((candidate, embedding))
+                if duplicate is not None:
+                    duplicate_by_position[candidate.position] = duplicate
+            elif candidate.on_duplicate is OnDuplicate.SKIP:
+                results[candidate.position] = _skipped(duplicate)
+            else:
+                results[candidate.position] = _rejected(duplicate)
+        return kept, duplicate_by_position
 
     def _match_model(
         self, embedded: list[tuple[_Candidate, Embedding]], results: list
@@ -327,24 +438,63 @@ class Collection:
                 kept.append((candidate, embedding))
         return kept, settings
 
+    # Duplicate audit
+
+    def find_duplicates(
+        self,
+        kinds: Iterable[MatchKind],
+        overrides: PolicyOverrides,
+        min_similar_score: float | None,
+        k: int,
+        check: Callable[[], None],
+    ) -> Iterator[AuditEvent]:
+        """Validate a duplicate audit and return the iterator of its events (see index_service.audit).
+
+        kinds empty means EXACT and NEAR, k 0 means 10 and min_similar_score None means 0.95.
+        Raises InvalidInputError for a bad field before any event. check is called between batches
+        and groups, and stops the audit by raising.
+        """
+        policy = self._near_policy.with_overrides(overrides)
+        settings = audit_settings(
+            frozenset(kinds), policy, min_similar_score, k, self._limits.max_k, self._limits.near_max_candidates
+        )
+        # Under the commit lock, every item up to max_row_id is in both indexes as well as the store.
+        with self._commit_lock:
+            max_row_id = self._store.max_row_id()
+        audit = DuplicateAudit(self._store, self._index, self._phash_index, settings, max_row_id, check)
+        return audit.run()
+
     # Search
 
-    def search(self, query: Query, k: int, min_score: float | None, timeout_s: float) -> list[Neighbour]:
-        """Return up to k stored items closest to the query, best first.
+    def search(
+        self,
+        query: Query,
+        k: int,
+        min_score: float | None,
+        timeout_s: float,
+        overrides: PolicyOverrides = PolicyOverrides(),
+    ) -> list[Neighbour]:
+        """Return up to k stored items closest to the query: exact duplicates, then near, then the rest.
 
-        k 0 means the default k. Neighbours scoring below min_score, when given, are left out.
+        Each group is ordered by score, best first. The faiss top k are merged with the exact and
+        near duplicates that the query's fingerprint finds, so a duplicate is returned however low
+        its score. k 0 means the default k. min_score, when given, leaves out similar and
+        unlabelled neighbours below it, never exact or near ones. overrides replaces thresholds of
+        the near-duplicate policy for this search.
         """
         k = self._resolve_k(k)
         if min_score is not None and math.isnan(min_score):
             raise InvalidInputError("min_score is NaN; give a number in [-1, 1] or leave it unset")
+        policy = self._near_policy.with_overrides(overrides)
 
-        vector = self._query_vector(query, timeout_s)
-        if vector is None:
+        target = self._query_target(query, timeout_s)
+        if target is None:
             return []
-        hits = self._index.search(vector[np.newaxis, :], k)[0]
-        if min_score is not None:
-            hits = [hit for hit in hits if hit.score >= min_score]
-        return self._neighbours(hits)
+        hits = self._index.search(target.vector[np.newaxis, :], k)[0]
+        matched = self._classified_hits(hits, target, policy) + self._duplicates_beyond(hits, target, policy)
+        kept = [m for m in matched if _within_min_score(m, min_score)]
+        kept.sort(key=lambda m: (MATCH_RANK[m.match.kind], -m.score, m.item.row_id))
+        return [_neighbour(m) for m in kept[:k]]
 
     def _resolve_k(self, k: int) -> int:
         if k < 0:
@@ -353,23 +503,25 @@ class Collection:
             raise InvalidInputError(f"k is {k}, above the limit of {self._limits.max_k}; ask for fewer neighbours")
         return k or self._limits.default_k
 
-    def _query_vector(self, query: Query, timeout_s: float) -> np.ndarray | None:
-        """Return the normalised query vector, or None when the collection is empty."""
+    def _query_target(self, query: Query, timeout_s: float) -> _QueryTarget | None:
+        """Return the normalised query vector and fingerprint, or None when the collection is empty."""
         if isinstance(query, ItemQuery):
-            return self._stored_vector(query.item_id)
+            stored = self._stored_item(query.item_id)
+            return _QueryTarget(stored.vector, stored.fingerprint)
         if isinstance(query, VectorQuery):
-            return self._checked_query_vector(query)
+            vector = self._checked_query_vector(query)
+            return None if vector is None else _QueryTarget(vector, None)
         if isinstance(query, ImageQuery):
             return self._embedded_query(query.image, timeout_s)
         raise TypeError(f"unsupported query type {type(query).__name__}")
 
-    def _stored_vector(self, item_id: str) -> np.ndarray:
+    def _stored_item(self, item_id: str) -> StoredItem:
         if not item_id:
             raise InvalidInputError("item_id is empty; give the item_id of a stored item")
         stored = self._store.items_by_item_id([item_id]).get(item_id)
         if stored is None:
             raise NotFoundError(f"item_id {item_id!r} not found in the collection")
-        return stored.vector
+        return stored
 
     def _checked_query_vector(self, query: VectorQuery) -> np.ndarray | None:
         values = np.asarray(query.values, dtype=np.float64)
@@ -390,7 +542,7 @@ class Collection:
             )
         return vector
 
-    def _embedded_query(self, image: bytes, timeout_s: float) -> np.ndarray | None:
+    def _embedded_query(self, image: bytes, timeout_s: float) -> _QueryTarget | None:
         _check_image_bytes(image, self._limits.max_image_bytes)
         describe_image(image, self._limits.max_image_pixels)
         if self._dim is None:
@@ -406,18 +558,34 @@ class Collection:
         vector = _normalised(output.vector)
         if vector is None:
             raise _invalid_embedding_from_service()
-        return vector
+        return _QueryTarget(vector, output.fingerprint)
 
-    def _neighbours(self, hits: list[Hit]) -> list[Neighbour]:
+    def _classified_hits(
+        self, hits: list[Hit], target: _QueryTarget, policy: NearDuplicatePolicy
+    ) -> list[MatchedItem]:
         stored_by_row_id = self._store.items_by_row_id(hit.row_id for hit in hits)
-        neighbours = []
+        matched = []
         for hit in hits:
             stored = stored_by_row_id.get(hit.row_id)
             if stored is None:
                 log.warning("search_hit_not_stored", row_id=hit.row_id)
                 continue
-            neighbours.append(_neighbour(stored, hit.score))
-        return neighbours
+            match = classify(target.fingerprint, stored.fingerprint, hit.score, policy)
+            matched.append(MatchedItem(item=stored, score=hit.score, match=match))
+        return matched
+
+    def _duplicates_beyond(
+        self, hits: list[Hit], target: _QueryTarget, policy: NearDuplicatePolicy
+    ) -> list[MatchedItem]:
+        """Return the exact and near duplicates of the query that are not among the faiss hits."""
+        if not measurable(target.fingerprint):
+            return []
+        seen = {hit.row_id for hit in hits}
+        exact = self._candidates.exact_matches(target.fingerprint, target.vector)
+        exact = [matched for matched in exact if matched.item.row_id not in seen]
+        seen.update(m.item.row_id for m in exact)
+        near = self._candidates.near_matches(target.fingerprint, target.vector, policy, exclude_row_ids=seen)
+        return exact + list(near)
 
 
 def _drop_batch_duplicates(
@@ -446,10 +614,51 @@ def _drop_batch_duplicates(
 
 
 def _follow(leader: IngestResult) -> IngestResult:
-    """Return the result of an item whose bytes an earlier item of the same batch carried."""
-    if leader.status is IngestStatus.FAILED:
-        return leader
-    return IngestResult(IngestStatus.ALREADY_PRESENT, leader.item_id)
+    """Return the result of an item whose bytes an earlier item of the same batch carried.
+
+    It is the leader's result, except that an added leader makes it ALREADY_PRESENT.
+    """
+    if leader.status is IngestStatus.ADDED:
+        return IngestResult(IngestStatus.ALREADY_PRESENT, leader.item_id)
+    return leader
+
+
+def _pending(candidate: _Candidate, embedding: Embedding) -> PendingItem:
+    return PendingItem(item_id=candidate.item_id, vector=embedding.vector, fingerprint=embedding.fingerprint)
+
+
+def _added(item_id: str, duplicate: Duplicate | None) -> IngestResult:
+    if duplicate is None:
+        return IngestResult(IngestStatus.ADDED, item_id)
+    return IngestResult(
+        IngestStatus.ADDED, item_id, duplicate_of_item_id=duplicate.item_id, duplicate_match=duplicate.match
+    )
+
+
+def _skipped(duplicate: Duplicate) -> IngestResult:
+    return IngestResult(
+        IngestStatus.ALREADY_PRESENT,
+        duplicate.item_id,
+        duplicate_of_item_id=duplicate.item_id,
+        duplicate_match=duplicate.match,
+    )
+
+
+def _rejected(duplicate: Duplicate) -> IngestResult:
+    error = AlreadyExistsError(
+        f"the image duplicates stored item_id {duplicate.item_id!r} (match {duplicate.match.value}); "
+        "set on_duplicate to ADD to store it anyway"
+    )
+    return IngestResult(
+        IngestStatus.FAILED, error=error, duplicate_of_item_id=duplicate.item_id, duplicate_match=duplicate.match
+    )
+
+
+def _within_min_score(matched: MatchedItem, min_score: float | None) -> bool:
+    """Return whether min_score keeps the neighbour; it never leaves out exact or near duplicates."""
+    if min_score is None or matched.match.kind in (MatchKind.EXACT, MatchKind.NEAR):
+        return True
+    return matched.score >= min_score
 
 
 def _validate_item_id(item_id: str) -> None:
@@ -513,16 +722,21 @@ def _new_item(candidate: _Candidate, embedding: Embedding) -> NewItem:
         metadata=candidate.metadata,
         vector=embedding.vector,
         model_id=embedding.model_id,
+        fingerprint=embedding.fingerprint,
     )
 
 
-def _neighbour(stored: StoredItem, score: float) -> Neighbour:
+def _neighbour(matched: MatchedItem) -> Neighbour:
+    stored, match = matched.item, matched.match
     return Neighbour(
         item_id=stored.item_id,
-        score=score,
+        score=matched.score,
         uri=stored.uri,
         metadata=stored.metadata,
         width=stored.width,
         height=stored.height,
         sha256=stored.sha256,
+        match=match.kind,
+        phash_distance=match.phash_distance,
+        local_difference=match.local_difference,
     )

@@ -1,10 +1,12 @@
 """Settings of the index service, read from IMGSEARCH_INDEX_* environment variables."""
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from imgsearch_common.config import ConfigError, EnvReader
+from index_service.duplicates import MAX_PHASH_DISTANCE
 
 ENV_PREFIX = "IMGSEARCH_INDEX_"
 DEVICES = ("auto", "cpu", "gpu")
@@ -31,6 +33,12 @@ class IndexConfig:
     faiss_threads: int = 0
     grace_s: float = 5.0
     log_level: str = "info"
+    # The default near-duplicate policy. docs/duplicates.md gives the measurements behind the values.
+    near_max_phash_distance: int = 24
+    near_max_local_difference: float = 0.43
+    near_min_score: float = 0.70
+    # The maximum number of pHash candidates whose local difference one query measures (about 3.5 ms each).
+    near_max_candidates: int = 200
 
 
 def from_env(environ: Mapping[str, str]) -> IndexConfig:
@@ -56,6 +64,12 @@ def from_env(environ: Mapping[str, str]) -> IndexConfig:
         faiss_threads=env.int("FAISS_THREADS", default.faiss_threads, minimum=0),
         grace_s=env.float("GRACE_S", default.grace_s, minimum=0.0),
         log_level=env.choice("LOG_LEVEL", default.log_level, LOG_LEVELS),
+        near_max_phash_distance=env.int("NEAR_MAX_PHASH_DISTANCE", default.near_max_phash_distance, minimum=0),
+        near_max_local_difference=env.float(
+            "NEAR_MAX_LOCAL_DIFFERENCE", default.near_max_local_difference, minimum=0.0
+        ),
+        near_min_score=env.float("NEAR_MIN_SCORE", default.near_min_score, minimum=-1.0),
+        near_max_candidates=env.int("NEAR_MAX_CANDIDATES", default.near_max_candidates, minimum=1),
     )
     _check_consistency(config)
     return config
@@ -72,3 +86,12 @@ def _check_consistency(config: IndexConfig) -> None:
             f"{ENV_PREFIX}MAX_MESSAGE_BYTES ({config.max_message_bytes}), "
             "because an image arrives inside one gRPC message"
         )
+    if config.near_max_phash_distance > MAX_PHASH_DISTANCE:
+        raise ConfigError(
+            f"{ENV_PREFIX}NEAR_MAX_PHASH_DISTANCE must be at most {MAX_PHASH_DISTANCE}, the bits of a pHash, "
+            f"got {config.near_max_phash_distance}"
+        )
+    if math.isnan(config.near_max_local_difference):
+        raise ConfigError(f"{ENV_PREFIX}NEAR_MAX_LOCAL_DIFFERENCE must be a number, got nan")
+    if not -1.0 <= config.near_min_score <= 1.0:
+        raise ConfigError(f"{ENV_PREFIX}NEAR_MIN_SCORE must be between -1 and 1, got {config.near_min_score}")

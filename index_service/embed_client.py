@@ -1,13 +1,16 @@
 """The embedder that calls the embed service over gRPC."""
 
+import re
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
 import structlog
 
+from imgsearch.common.v1 import common_pb2
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import errors
+from imgsearch_common.fingerprints import FINGERPRINT_VERSION, LAYOUT_BYTES, Fingerprint
 from imgsearch_common.serving import message_size_options
 from index_service.embedder import Embedding, ModelInfo
 
@@ -24,6 +27,7 @@ _ERROR_BY_CODE = {
     grpc.StatusCode.UNAVAILABLE.value[0]: errors.UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED.value[0]: errors.DeadlineExceededError,
 }
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class EmbedClient:
@@ -58,18 +62,24 @@ class EmbedClient:
             for position, image in enumerate(images)
         ]
         outputs: list[Embedding | errors.ImgsearchError] = []
+        ignored_fingerprints: list[str] = []
         try:
             for response in self._stub.EmbedImages(iter(requests), timeout=timeout_s):
                 if len(outputs) == len(images):
                     log.warning("embed_response_unexpected", images=len(images))
                     continue
-                outputs.append(_output_of(response, expected_correlation_id=str(len(outputs))))
+                outputs.append(_output_of(response, str(len(outputs)), ignored_fingerprints))
         except grpc.RpcError as error:
             failure = _call_error(error, "EmbedImages")
             log.warning("embed_call_failed", code=error.code().name, images=len(images), received=len(outputs))
             outputs.extend(failure for _ in range(len(images) - len(outputs)))
             return outputs
 
+        if ignored_fingerprints:
+            # One line per call, not per image: a misconfigured embed service would send every image so.
+            log.warning(
+                "embed_fingerprints_ignored", count=len(ignored_fingerprints), first_reason=ignored_fingerprints[0]
+            )
         if len(outputs) < len(images):
             log.warning("embed_responses_missing", images=len(images), received=len(outputs))
             failure = errors.UnavailableError(
@@ -85,8 +95,30 @@ def item_error_to_exception(code: int, code_name: str, message: str) -> errors.I
     return error_type(f"the embed service rejected the image with {code_name}: {message}")
 
 
+def fingerprint_of(message: common_pb2.ImageFingerprint) -> Fingerprint:
+    """Convert a fingerprint sent by the embed service into a Fingerprint.
+
+    Raises ValueError naming the problem when its version is not FINGERPRINT_VERSION, the only
+    one this server can compare, or when a field is malformed.
+    """
+    if message.version != FINGERPRINT_VERSION:
+        raise ValueError(f"fingerprint version {message.version} is not the supported {FINGERPRINT_VERSION}")
+    if not _HEX_SHA256.fullmatch(message.pixel_sha256):
+        raise ValueError(f"pixel_sha256 {message.pixel_sha256[:80]!r} is not 64 lowercase hex digits")
+    if len(message.layout) != LAYOUT_BYTES:
+        raise ValueError(f"layout has {len(message.layout)} bytes, expected {LAYOUT_BYTES}")
+    return Fingerprint(
+        version=message.version,
+        pixel_sha256=message.pixel_sha256,
+        phash=message.phash,
+        width=message.width,
+        height=message.height,
+        layout=message.layout,
+    )
+
+
 def _output_of(
-    response: embed_service_pb2.EmbedImagesResponse, expected_correlation_id: str
+    response: embed_service_pb2.EmbedImagesResponse, expected_correlation_id: str, ignored_fingerprints: list[str]
 ) -> Embedding | errors.ImgsearchError:
     if response.correlation_id != expected_correlation_id:
         return errors.UnavailableError(
@@ -99,8 +131,30 @@ def _output_of(
         return item_error_to_exception(error.code, error.code_name, error.message)
     if result == "embedding":
         vector = np.asarray(response.embedding.values, dtype=np.float32)
-        return Embedding(vector=vector, model_id=response.embedding.model_id)
+        return Embedding(
+            vector=vector,
+            model_id=response.embedding.model_id,
+            fingerprint=_checked_fingerprint(response, ignored_fingerprints),
+        )
     return errors.UnavailableError("the embed service sent a response with neither an embedding nor an error")
+
+
+def _checked_fingerprint(
+    response: embed_service_pb2.EmbedImagesResponse, ignored_fingerprints: list[str]
+) -> Fingerprint | None:
+    """Return the response's fingerprint, or None when it has none or one that cannot be used.
+
+    An unusable fingerprint is recorded in ignored_fingerprints and the image is stored without
+    one, as from an embed service older than fingerprints: it never counts as an exact or near
+    duplicate.
+    """
+    if not response.HasField("fingerprint"):
+        return None
+    try:
+        return fingerprint_of(response.fingerprint)
+    except ValueError as error:
+        ignored_fingerprints.append(str(error))
+        return None
 
 
 def _call_error(error: grpc.RpcError, method: str) -> errors.ImgsearchError:

@@ -7,14 +7,20 @@ from typing import Protocol
 import numpy as np
 
 from imgsearch_common.errors import ImgsearchError
+from imgsearch_common.fingerprints import Fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
 class Embedding:
-    """An image's embedding as the embed service sent it, with the model that produced it."""
+    """An image's embedding as the embed service sent it, with the model that produced it.
+
+    fingerprint is None when the embed service sent none, as embed services older than
+    fingerprints do.
+    """
 
     vector: np.ndarray
     model_id: str
+    fingerprint: Fingerprint | None = None
 
 
 @dataclasses.dataclass(frozen=True)

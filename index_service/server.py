@@ -13,6 +13,7 @@ from imgsearch_common.serving import (
 )
 from index_service.collection import Collection, CollectionLimits
 from index_service.config import IndexConfig
+from index_service.duplicates import NearDuplicatePolicy
 from index_service.embed_client import EmbedClient
 from index_service.servicer import IndexServicer
 from index_service.store import Store
@@ -39,6 +40,11 @@ def build_server(config: IndexConfig) -> tuple[grpc.Server, health.HealthService
         vector_index,
         EmbedClient(config.embed_addr, config.max_message_bytes),
         _limits_of(config),
+        NearDuplicatePolicy(
+            max_phash_distance=config.near_max_phash_distance,
+            max_local_difference=config.near_max_local_difference,
+            min_score=config.near_min_score,
+        ),
     )
     try:
         collection.load()
@@ -75,4 +81,5 @@ def _limits_of(config: IndexConfig) -> CollectionLimits:
         max_k=config.max_k,
         max_image_bytes=config.max_image_bytes,
         max_image_pixels=config.max_image_pixels,
+        near_max_candidates=config.near_max_candidates,
     )

@@ -1,13 +1,16 @@
 """The gRPC servicer of IndexService: converts messages and calls the collection core."""
 
+from collections.abc import Callable
+
 import structlog
 
 from imgsearch.common.v1 import common_pb2
 from imgsearch.index.v1 import index_service_pb2, index_service_pb2_grpc
-from imgsearch_common.errors import InvalidInputError
-from imgsearch_common.grpc_errors import abort_on_error, item_error
+from imgsearch_common.errors import DeadlineExceededError, InvalidInputError
+from imgsearch_common.grpc_errors import abort_on_error, abort_on_stream_error, item_error
 from imgsearch_common.serving import remaining_seconds
 from imgsearch_common.streams import RequestBatcher
+from index_service.audit import AuditEvent, AuditProgress, AuditSummary, DuplicateGroup, GroupMember
 from index_service.collection import (
     Collection,
     ImageQuery,
@@ -19,6 +22,7 @@ from index_service.collection import (
     Query,
     VectorQuery,
 )
+from index_service.duplicates import MatchKind, OnDuplicate, PolicyOverrides
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +31,23 @@ _STATUS_MESSAGES = {
     IngestStatus.ALREADY_PRESENT: index_service_pb2.INGEST_STATUS_ALREADY_PRESENT,
     IngestStatus.FAILED: index_service_pb2.INGEST_STATUS_FAILED,
 }
+_MATCH_KIND_MESSAGES = {
+    MatchKind.UNSPECIFIED: index_service_pb2.MATCH_KIND_UNSPECIFIED,
+    MatchKind.EXACT: index_service_pb2.MATCH_KIND_EXACT,
+    MatchKind.NEAR: index_service_pb2.MATCH_KIND_NEAR,
+    MatchKind.SIMILAR: index_service_pb2.MATCH_KIND_SIMILAR,
+}
+_MATCH_KINDS = {message: kind for kind, message in _MATCH_KIND_MESSAGES.items()}
+_ON_DUPLICATES = {
+    index_service_pb2.ON_DUPLICATE_UNSPECIFIED: OnDuplicate.SKIP,
+    index_service_pb2.ON_DUPLICATE_ADD: OnDuplicate.ADD,
+    index_service_pb2.ON_DUPLICATE_SKIP: OnDuplicate.SKIP,
+    index_service_pb2.ON_DUPLICATE_REJECT: OnDuplicate.REJECT,
+}
+
+
+class _CallEnded(Exception):
+    """The caller of a long RPC cancelled it or went away, so the work stops."""
 
 
 class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
@@ -57,16 +78,24 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
     def _ingest_batch(
         self, requests: list[index_service_pb2.IngestImagesRequest], context
     ) -> list[index_service_pb2.IngestImagesResponse]:
-        items = [
-            IngestItem(image=r.image, item_id=r.item_id, uri=r.uri, metadata=dict(r.metadata)) for r in requests
-        ]
+        items, invalid_by_position = [], {}
+        for position, request in enumerate(requests):
+            try:
+                items.append(_ingest_item_of(request))
+            except InvalidInputError as error:
+                invalid_by_position[position] = error
         timeout_s = remaining_seconds(context, self._embed_timeout_s)
         try:
-            results = self._collection.ingest(items, timeout_s)
+            results = iter(self._collection.ingest(items, timeout_s))
         except Exception as error:  # noqa: BLE001 - one broken batch must not end the stream
             failure = item_error(error)
             return [_ingest_response_failed(failure, r.uri) for r in requests]
-        return [_ingest_response(result, r.uri) for result, r in zip(results, requests, strict=True)]
+        return [
+            _ingest_response_failed(item_error(invalid_by_position[position]), request.uri)
+            if position in invalid_by_position
+            else _ingest_response(next(results), request.uri)
+            for position, request in enumerate(requests)
+        ]
 
     @abort_on_error
     def Search(self, request, context):
@@ -76,6 +105,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             k=request.k,
             min_score=min_score,
             timeout_s=remaining_seconds(context, self._embed_timeout_s),
+            overrides=_overrides_of(request.near_duplicate_policy),
         )
         return index_service_pb2.SearchResponse(
             neighbours=[_neighbour_message(n) for n in neighbours], model_id=self._collection.model_id
@@ -92,6 +122,62 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             index_device=stats.index_device,
         )
 
+    @abort_on_stream_error
+    def FindDuplicates(self, request, context):
+        events = self._collection.find_duplicates(
+            kinds=[_match_kind_of("kinds", value) for value in request.kinds],
+            overrides=_overrides_of(request.near_duplicate_policy),
+            min_similar_score=request.min_similar_score if request.HasField("min_similar_score") else None,
+            k=request.k,
+            check=_stop_check(context),
+        )
+        try:
+            for event in events:
+                yield _audit_message(event)
+        except _CallEnded:
+            log.info("find_duplicates_stopped", reason="the caller cancelled the call or went away")
+
+
+def _stop_check(context) -> Callable[[], None]:
+    """Return a check that raises when the caller went away or its deadline passed."""
+
+    def check() -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("FindDuplicates timed out before it finished; call it with a longer deadline")
+        if not context.is_active():
+            raise _CallEnded
+
+    return check
+
+
+def _ingest_item_of(request: index_service_pb2.IngestImagesRequest) -> IngestItem:
+    if request.on_duplicate not in _ON_DUPLICATES:
+        raise InvalidInputError(f"on_duplicate {request.on_duplicate} is not a known OnDuplicate value")
+    duplicate_match = _match_kind_of("duplicate_match", request.duplicate_match)
+    return IngestItem(
+        image=request.image,
+        item_id=request.item_id,
+        uri=request.uri,
+        metadata=dict(request.metadata),
+        on_duplicate=_ON_DUPLICATES[request.on_duplicate],
+        duplicate_match=MatchKind.EXACT if duplicate_match is MatchKind.UNSPECIFIED else duplicate_match,
+    )
+
+
+def _match_kind_of(field: str, value: int) -> MatchKind:
+    if value not in _MATCH_KINDS:
+        raise InvalidInputError(f"{field} {value} is not a known MatchKind value")
+    return _MATCH_KINDS[value]
+
+
+def _overrides_of(policy: index_service_pb2.NearDuplicatePolicy) -> PolicyOverrides:
+    return PolicyOverrides(
+        max_phash_distance=policy.max_phash_distance if policy.HasField("max_phash_distance") else None,
+        max_local_difference=policy.max_local_difference if policy.HasField("max_local_difference") else None,
+        min_score=policy.min_score if policy.HasField("min_score") else None,
+    )
+
 
 def _query_of(request: index_service_pb2.SearchRequest) -> Query:
     which = request.WhichOneof("query")
@@ -105,11 +191,16 @@ def _query_of(request: index_service_pb2.SearchRequest) -> Query:
 
 
 def _ingest_response(result: IngestResult, uri: str) -> index_service_pb2.IngestImagesResponse:
-    if result.status is IngestStatus.FAILED:
-        return _ingest_response_failed(item_error(result.error), uri)
-    return index_service_pb2.IngestImagesResponse(
-        item_id=result.item_id, status=_STATUS_MESSAGES[result.status], uri=uri
+    response = index_service_pb2.IngestImagesResponse(
+        item_id=result.item_id,
+        status=_STATUS_MESSAGES[result.status],
+        uri=uri,
+        duplicate_of_item_id=result.duplicate_of_item_id,
+        duplicate_match=_MATCH_KIND_MESSAGES[result.duplicate_match],
     )
+    if result.status is IngestStatus.FAILED:
+        response.error.CopyFrom(item_error(result.error))
+    return response
 
 
 def _ingest_response_failed(error: common_pb2.ItemError, uri: str) -> index_service_pb2.IngestImagesResponse:
@@ -127,4 +218,40 @@ def _neighbour_message(neighbour: Neighbour) -> index_service_pb2.Neighbour:
         width=neighbour.width,
         height=neighbour.height,
         sha256=neighbour.sha256,
+        match=_MATCH_KIND_MESSAGES[neighbour.match],
+        phash_distance=neighbour.phash_distance,
+        local_difference=neighbour.local_difference,
     )
+
+
+def _audit_message(event: AuditEvent) -> index_service_pb2.FindDuplicatesResponse:
+    if isinstance(event, AuditProgress):
+        progress = index_service_pb2.FindDuplicatesProgress(items_done=event.items_done, item_count=event.item_count)
+        return index_service_pb2.FindDuplicatesResponse(progress=progress)
+    if isinstance(event, DuplicateGroup):
+        group = index_service_pb2.DuplicateGroup(
+            kind=_MATCH_KIND_MESSAGES[event.kind], members=[_member_message(m) for m in event.members]
+        )
+        return index_service_pb2.FindDuplicatesResponse(group=group)
+    if isinstance(event, AuditSummary):
+        group_counts = {
+            index_service_pb2.MatchKind.Name(_MATCH_KIND_MESSAGES[kind]): count
+            for kind, count in event.group_counts.items()
+        }
+        summary = index_service_pb2.FindDuplicatesSummary(
+            item_count=event.item_count, group_counts=group_counts, grouped_item_count=event.grouped_item_count
+        )
+        return index_service_pb2.FindDuplicatesResponse(summary=summary)
+    raise TypeError(f"unsupported audit event {type(event).__name__}")
+
+
+def _member_message(member: GroupMember) -> index_service_pb2.DuplicateMember:
+    message = index_service_pb2.DuplicateMember(
+        item_id=member.item_id, uri=member.uri, score=member.score, width=member.width, height=member.height
+    )
+    # Unknown distances stay unset, so that a reader cannot mistake them for 0, a perfect match.
+    if member.phash_distance is not None:
+        message.phash_distance = member.phash_distance
+    if member.local_difference is not None:
+        message.local_difference = member.local_difference
+    return message

@@ -4,6 +4,10 @@ Fsync policy: every write is one transaction, and with WAL and synchronous=FULL 
 write-ahead log before the commit returns, so an item that add_items has returned survives a crash
 or power loss. The store is the source of truth; the faiss index is rebuilt from it at start.
 One process at a time may open the file, because the store holds an exclusive lock on it.
+
+Each item may carry the fingerprint that the embed service sent with its embedding. Files written
+before fingerprints existed get the fingerprint columns when they are opened, with NULL for their
+items, which then never count as exact or near duplicates.
 """
 
 import dataclasses
@@ -18,6 +22,7 @@ import numpy as np
 import structlog
 
 from imgsearch_common.config import ConfigError
+from imgsearch_common.fingerprints import Fingerprint
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +42,11 @@ CREATE TABLE IF NOT EXISTS items (
     metadata TEXT NOT NULL,
     vector BLOB NOT NULL,
     model_id TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    fingerprint_version INTEGER,
+    pixel_sha256 TEXT,
+    phash INTEGER,
+    layout BLOB
 );
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
@@ -45,7 +54,22 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """
 
-_ITEM_COLUMNS = "row_id, item_id, sha256, uri, width, height, metadata, vector, model_id, created_at"
+# The columns that fingerprints added to the items table, with their types, for migrating older files.
+_FINGERPRINT_COLUMNS = (
+    ("fingerprint_version", "INTEGER"),
+    ("pixel_sha256", "TEXT"),
+    ("phash", "INTEGER"),
+    ("layout", "BLOB"),
+)
+# Exact duplicates are looked up by pixel_sha256, which several items may share.
+_PIXEL_SHA256_INDEX = "CREATE INDEX IF NOT EXISTS items_pixel_sha256 ON items (pixel_sha256)"
+
+_ITEM_COLUMNS = (
+    "row_id, item_id, sha256, uri, width, height, metadata, vector, model_id, created_at, "
+    "fingerprint_version, pixel_sha256, phash, layout"
+)
+_PHASH_OFFSET = 2**64
+_MAX_SIGNED_64 = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +84,16 @@ class NewItem:
     metadata: Mapping[str, str]
     vector: np.ndarray
     model_id: str
+    fingerprint: Fingerprint | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class StoredItem:
-    """An item read back from the store. row_id is also its id in the faiss index."""
+    """An item read back from the store. row_id is also its id in the faiss index.
+
+    fingerprint is None for items whose embed service sent none, and for items stored before
+    fingerprints existed.
+    """
 
     row_id: int
     item_id: str
@@ -76,6 +105,7 @@ class StoredItem:
     vector: np.ndarray
     model_id: str
     created_at: str
+    fingerprint: Fingerprint | None = None
 
 
 class Store:
@@ -114,8 +144,25 @@ class Store:
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=FULL")
         self._connection.executescript(_SCHEMA)
+        self._migrate()
         self._connection.execute("BEGIN IMMEDIATE")
         self._connection.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Add the fingerprint columns and their index to a file written before they existed."""
+        present = {row[1] for row in self._connection.execute("PRAGMA table_info(items)")}
+        missing = [(name, kind) for name, kind in _FINGERPRINT_COLUMNS if name not in present]
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            for name, kind in missing:
+                self._connection.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
+            self._connection.execute(_PIXEL_SHA256_INDEX)
+            self._connection.execute("COMMIT")
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        if missing:
+            log.info("store_migrated", path=str(self.path), added_columns=[name for name, _ in missing])
 
     def close(self) -> None:
         with self._lock:
@@ -145,9 +192,11 @@ class Store:
         return row_ids
 
     def _insert(self, item: NewItem, created_at: str) -> int:
+        fingerprint = item.fingerprint
         cursor = self._connection.execute(
-            "INSERT INTO items (item_id, sha256, uri, width, height, metadata, vector, model_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO items (item_id, sha256, uri, width, height, metadata, vector, model_id, created_at, "
+            "fingerprint_version, pixel_sha256, phash, layout) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.item_id,
                 item.sha256,
@@ -158,6 +207,10 @@ class Store:
                 np.ascontiguousarray(item.vector, dtype="<f4").tobytes(),
                 item.model_id,
                 created_at,
+                None if fingerprint is None else fingerprint.version,
+                None if fingerprint is None else fingerprint.pixel_sha256,
+                None if fingerprint is None else _signed_phash(fingerprint.phash),
+                None if fingerprint is None else fingerprint.layout,
             ),
         )
         return int(cursor.lastrowid)
@@ -166,6 +219,13 @@ class Store:
         """Return the stored items whose sha256 is in hashes, keyed by sha256."""
         return {item.sha256: item for item in self._select_in("sha256", list(hashes))}
 
+    def items_by_pixel_sha256(self, hashes: Iterable[str]) -> dict[str, list[StoredItem]]:
+        """Return the stored items whose fingerprint's pixel_sha256 is in hashes, in row_id order."""
+        found: dict[str, list[StoredItem]] = {}
+        for item in sorted(self._select_in("pixel_sha256", list(hashes)), key=lambda item: item.row_id):
+            found.setdefault(item.fingerprint.pixel_sha256, []).append(item)
+        return found
+
     def items_by_item_id(self, item_ids: Iterable[str]) -> dict[str, StoredItem]:
         """Return the stored items whose item_id is in item_ids, keyed by item_id."""
         return {item.item_id: item for item in self._select_in("item_id", list(item_ids))}
@@ -173,6 +233,22 @@ class Store:
     def items_by_row_id(self, row_ids: Iterable[int]) -> dict[int, StoredItem]:
         """Return the stored items whose row_id is in row_ids, keyed by row_id."""
         return {item.row_id: item for item in self._select_in("row_id", [int(r) for r in row_ids])}
+
+    def fingerprints_by_row_id(self, row_ids: Iterable[int]) -> dict[int, Fingerprint]:
+        """Return the fingerprints of the items in row_ids that have one, keyed by row_id."""
+        values = [int(row_id) for row_id in row_ids]
+        found = {}
+        for start in range(0, len(values), _MAX_PARAMETERS):
+            chunk = values[start : start + _MAX_PARAMETERS]
+            placeholders = ", ".join("?" * len(chunk))
+            with self._lock:
+                rows = self._connection.execute(
+                    "SELECT row_id, width, height, fingerprint_version, pixel_sha256, phash, layout FROM items "
+                    f"WHERE row_id IN ({placeholders}) AND fingerprint_version IS NOT NULL",
+                    chunk,
+                ).fetchall()
+            found.update((row[0], _fingerprint_from_row(*row[1:])) for row in rows)
+        return found
 
     def _select_in(self, column: str, values: list) -> list[StoredItem]:
         found = []
@@ -186,8 +262,10 @@ class Store:
             found.extend(_item_from_row(row) for row in rows)
         return found
 
-    def vector_batches(self, batch_size: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row_ids, vectors) of every stored item in row_id order, batch_size rows at a time.
+    def vector_batches(
+        self, batch_size: int = 10_000, max_row_id: int = _MAX_SIGNED_64
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row_ids, vectors) of every stored item up to max_row_id in row_id order, batch_size rows at a time.
 
         row_ids is an int64 array of shape (n,) and vectors a float32 array of shape (n, dim).
         """
@@ -195,8 +273,8 @@ class Store:
         while True:
             with self._lock:
                 rows = self._connection.execute(
-                    "SELECT row_id, vector FROM items WHERE row_id > ? ORDER BY row_id LIMIT ?",
-                    (last_row_id, batch_size),
+                    "SELECT row_id, vector FROM items WHERE row_id > ? AND row_id <= ? ORDER BY row_id LIMIT ?",
+                    (last_row_id, max_row_id, batch_size),
                 ).fetchall()
             if not rows:
                 return
@@ -205,9 +283,50 @@ class Store:
             yield row_ids, vectors
             last_row_id = int(row_ids[-1])
 
-    def count(self) -> int:
+    def phash_batches(self, batch_size: int = 100_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (row_ids, phashes, versions) of every item with a fingerprint, in row_id order.
+
+        The arrays are int64, uint64 and uint32, of shape (n,).
+        """
+        last_row_id = 0
+        while True:
+            with self._lock:
+                rows = self._connection.execute(
+                    "SELECT row_id, phash, fingerprint_version FROM items "
+                    "WHERE row_id > ? AND phash IS NOT NULL ORDER BY row_id LIMIT ?",
+                    (last_row_id, batch_size),
+                ).fetchall()
+            if not rows:
+                return
+            row_ids = np.array([row[0] for row in rows], dtype=np.int64)
+            phashes = np.array([_unsigned_phash(row[1]) for row in rows], dtype=np.uint64)
+            versions = np.array([row[2] for row in rows], dtype=np.uint32)
+            yield row_ids, phashes, versions
+            last_row_id = int(row_ids[-1])
+
+    def exact_groups(self, max_row_id: int) -> list[list[int]]:
+        """Return the row ids, sorted, of each set of two or more items up to max_row_id with the same pixels.
+
+        Items share pixels when their fingerprints have the same version and pixel_sha256.
+        """
         with self._lock:
-            return int(self._connection.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+            rows = self._connection.execute(
+                "SELECT group_concat(row_id) FROM items WHERE pixel_sha256 IS NOT NULL AND row_id <= ? "
+                "GROUP BY fingerprint_version, pixel_sha256 HAVING COUNT(*) > 1",
+                (max_row_id,),
+            ).fetchall()
+        return sorted(sorted(int(row_id) for row_id in row[0].split(",")) for row in rows)
+
+    def max_row_id(self) -> int:
+        """Return the largest row_id stored so far, or 0 when the store is empty."""
+        with self._lock:
+            return int(self._connection.execute("SELECT COALESCE(MAX(row_id), 0) FROM items").fetchone()[0])
+
+    def count(self, max_row_id: int = _MAX_SIGNED_64) -> int:
+        """Return the number of stored items, counting only those up to max_row_id."""
+        with self._lock:
+            row = self._connection.execute("SELECT COUNT(*) FROM items WHERE row_id <= ?", (max_row_id,)).fetchone()
+        return int(row[0])
 
     def settings(self) -> dict[str, str]:
         """Return the collection settings stored so far, such as model_id and dim."""
@@ -217,7 +336,11 @@ class Store:
 
 
 def _item_from_row(row: tuple) -> StoredItem:
-    row_id, item_id, sha256, uri, width, height, metadata, vector, model_id, created_at = row
+    row_id, item_id, sha256, uri, width, height, metadata, vector, model_id, created_at = row[:10]
+    version, pixel_sha256, phash, layout = row[10:]
+    fingerprint = None
+    if version is not None:
+        fingerprint = _fingerprint_from_row(width, height, version, pixel_sha256, phash, layout)
     return StoredItem(
         row_id=row_id,
         item_id=item_id,
@@ -229,4 +352,28 @@ def _item_from_row(row: tuple) -> StoredItem:
         vector=np.frombuffer(vector, dtype="<f4").astype(np.float32),
         model_id=model_id,
         created_at=created_at,
+        fingerprint=fingerprint,
     )
+
+
+def _fingerprint_from_row(
+    width: int, height: int, version: int, pixel_sha256: str, phash: int, layout: bytes
+) -> Fingerprint:
+    return Fingerprint(
+        version=version,
+        pixel_sha256=pixel_sha256,
+        phash=_unsigned_phash(phash),
+        width=width,
+        height=height,
+        layout=bytes(layout),
+    )
+
+
+def _signed_phash(phash: int) -> int:
+    """Return an unsigned 64-bit pHash as the signed integer that SQLite can store."""
+    return phash - _PHASH_OFFSET if phash > _MAX_SIGNED_64 else phash
+
+
+def _unsigned_phash(value: int) -> int:
+    """Return a pHash read back from SQLite as the unsigned 64-bit integer it was."""
+    return value + _PHASH_OFFSET if value < 0 else value

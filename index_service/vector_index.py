@@ -121,6 +121,25 @@ class VectorIndex:
             D, I = self._index.search(xq, k)  # noqa: E741 - faiss's names for distances and ids
         return [_real_hits(scores, ids) for scores, ids in zip(D, I)]
 
+    def vectors(self, row_ids: np.ndarray) -> np.ndarray:
+        """Return the stored vectors of row_ids as a float32 array of shape (n, dim).
+
+        Raises KeyError naming a row_id that the index does not contain.
+        """
+        ids = np.ascontiguousarray(row_ids, dtype=np.int64)
+        with self._lock.reading():
+            if self._index is None:
+                if len(ids):
+                    raise KeyError(f"row_id {int(ids[0])} is not in the index, which is empty")
+                return np.empty((0, 0), dtype=np.float32)
+            if len(ids) == 0:
+                return np.empty((0, self._index.d), dtype=np.float32)
+            try:
+                return self._index.reconstruct_batch(ids)
+            except RuntimeError as error:
+                # IndexIDMap2 raises a RuntimeError naming the key it cannot find.
+                raise KeyError(f"not every row_id of {ids[:5].tolist()} (first 5) is in the index: {error}") from error
+
     def _new_index(self, dim: int):
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         if self._gpu_resources is None:

@@ -5,24 +5,20 @@ import math
 import queue
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgsearch.common.v1 import common_pb2
-from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
-from imgsearch.index.v1 import index_service_pb2, index_service_pb2_grpc
+from imgsearch.index.v1 import index_service_pb2
 from imgsearch_common import errors
-from imgsearch_common.errors import ImgsearchError
-from imgsearch_common.grpc_errors import item_error
-from imgsearch_common.serving import message_size_options
 from index_service import server as index_server
 from index_service.config import IndexConfig
 from index_service.embed_client import EmbedClient
 from tests.fakes.images import solid_png
-from tests.unit.index_service.index_fakes import make_png, thumbnail_vector
+from tests.unit.index_service.index_fakes import fingerprint_of, make_png, thumbnail_vector
+from tests.unit.index_service.index_servers import FakeEmbedService, serve_fake_embed, start_index_service
 
 pytestmark = pytest.mark.integration
 
@@ -37,83 +33,9 @@ ALREADY_PRESENT = index_service_pb2.INGEST_STATUS_ALREADY_PRESENT
 FAILED = index_service_pb2.INGEST_STATUS_FAILED
 
 
-class FakeEmbedService(embed_service_pb2_grpc.EmbedServiceServicer):
-    """EmbedService with thumbnail-projection embeddings, a settable model and delay, and a call record."""
-
-    def __init__(self):
-        self.model_id = _MODEL_ID
-        self.delay_s = 0.0
-        self.time_remaining: list[float | None] = []
-
-    def EmbedImages(self, request_iterator, context):
-        self.time_remaining.append(context.time_remaining())
-        for request in request_iterator:
-            time.sleep(self.delay_s)
-            yield self._embed(request)
-
-    def GetModelInfo(self, request, context):
-        return embed_service_pb2.GetModelInfoResponse(model_id=self.model_id, dim=_DIM, backend="fake")
-
-    def _embed(self, request):
-        try:
-            vector = thumbnail_vector(request.image, _DIM)
-        except ImgsearchError as error:
-            return embed_service_pb2.EmbedImagesResponse(
-                correlation_id=request.correlation_id, error=item_error(error)
-            )
-        return embed_service_pb2.EmbedImagesResponse(
-            correlation_id=request.correlation_id,
-            embedding=common_pb2.Embedding(values=vector.tolist(), model_id=self.model_id),
-        )
-
-
-@dataclasses.dataclass
-class EmbedHandle:
-    servicer: FakeEmbedService
-    server: grpc.Server
-    address: str
-
-    def stop(self):
-        self.server.stop(None).wait()
-
-
-@dataclasses.dataclass
-class IndexHandle:
-    config: IndexConfig
-    server: grpc.Server
-    collection: object
-    channel: grpc.Channel
-    stub: index_service_pb2_grpc.IndexServiceStub
-    stopped: bool = False
-
-    def stop(self):
-        if self.stopped:
-            return
-        self.stopped = True
-        self.channel.close()
-        self.server.stop(None).wait()
-        self.collection.close()
-
-    def ingest(self, requests, timeout=_TIMEOUT_S):
-        return list(self.stub.IngestImages(iter(requests), timeout=timeout))
-
-    def search(self, timeout=_TIMEOUT_S, **fields):
-        return self.stub.Search(index_service_pb2.SearchRequest(**fields), timeout=timeout)
-
-    def stats(self):
-        return self.stub.GetStats(index_service_pb2.GetStatsRequest(), timeout=_TIMEOUT_S)
-
-
 @pytest.fixture
 def embed_service():
-    servicer = FakeEmbedService()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4), options=message_size_options(_MAX_MESSAGE_BYTES)
-    )
-    embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    handle = EmbedHandle(servicer=servicer, server=server, address=f"127.0.0.1:{port}")
+    handle = serve_fake_embed(FakeEmbedService(dim=_DIM, model_id=_MODEL_ID), _MAX_MESSAGE_BYTES)
     yield handle
     handle.stop()
 
@@ -139,16 +61,7 @@ def start_index(tmp_path, embed_service):
             device="cpu",
             grace_s=0.0,
         )
-        config = dataclasses.replace(config, **overrides)
-        server, _, port, collection = index_server.start(config)
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=message_size_options(_MAX_MESSAGE_BYTES))
-        handle = IndexHandle(
-            config=config,
-            server=server,
-            collection=collection,
-            channel=channel,
-            stub=index_service_pb2_grpc.IndexServiceStub(channel),
-        )
+        handle = start_index_service(dataclasses.replace(config, **overrides))
         handles.append(handle)
         return handle
 
@@ -531,9 +444,35 @@ def test_embed_client_results_in_order(embed_service):
 
     assert outputs[0].model_id == _MODEL_ID
     assert outputs[0].vector.tolist() == pytest.approx(thumbnail_vector(make_png(1), _DIM).tolist())
+    assert outputs[0].fingerprint == fingerprint_of(make_png(1))
     assert isinstance(outputs[1], errors.InvalidInputError)
     assert outputs[2].vector.tolist() == pytest.approx(thumbnail_vector(make_png(3), _DIM).tolist())
+    assert outputs[2].fingerprint == fingerprint_of(make_png(3))
     assert (info.model_id, info.dim, info.backend) == (_MODEL_ID, _DIM, "fake")
+
+
+def test_embed_client_without_fingerprints(embed_service):
+    embed_service.servicer.with_fingerprints = False
+    client = EmbedClient(embed_service.address, _MAX_MESSAGE_BYTES)
+    try:
+        [output] = client.embed_images([make_png(1)], timeout_s=_TIMEOUT_S)
+    finally:
+        client.close()
+
+    assert output.vector.tolist() == pytest.approx(thumbnail_vector(make_png(1), _DIM).tolist())
+    assert output.fingerprint is None
+
+
+def test_embed_client_ignores_unknown_fingerprint_version(embed_service):
+    embed_service.servicer.fingerprint_version = 99
+    client = EmbedClient(embed_service.address, _MAX_MESSAGE_BYTES)
+    try:
+        outputs = client.embed_images([make_png(1), make_png(2)], timeout_s=_TIMEOUT_S)
+    finally:
+        client.close()
+
+    assert [output.model_id for output in outputs] == [_MODEL_ID, _MODEL_ID]
+    assert [output.fingerprint for output in outputs] == [None, None]
 
 
 def test_embed_client_with_service_down(embed_service):

@@ -20,6 +20,10 @@ def test_from_env_defaults():
     assert config.max_image_bytes == 24 * 1024 * 1024
     assert config.max_image_pixels == 50_000_000
     assert config.device == "auto"
+    assert config.near_max_phash_distance == 24
+    assert config.near_max_local_difference == 0.43
+    assert config.near_min_score == 0.70
+    assert config.near_max_candidates == 200
 
 
 def test_from_env_reads_every_variable():
@@ -39,6 +43,10 @@ def test_from_env_reads_every_variable():
         "IMGSEARCH_INDEX_FAISS_THREADS": "2",
         "IMGSEARCH_INDEX_GRACE_S": "0.5",
         "IMGSEARCH_INDEX_LOG_LEVEL": "debug",
+        "IMGSEARCH_INDEX_NEAR_MAX_PHASH_DISTANCE": "12",
+        "IMGSEARCH_INDEX_NEAR_MAX_LOCAL_DIFFERENCE": "0.3",
+        "IMGSEARCH_INDEX_NEAR_MIN_SCORE": "-1",
+        "IMGSEARCH_INDEX_NEAR_MAX_CANDIDATES": "50",
     }
 
     config = from_env(environ)
@@ -59,6 +67,10 @@ def test_from_env_reads_every_variable():
         faiss_threads=2,
         grace_s=0.5,
         log_level="debug",
+        near_max_phash_distance=12,
+        near_max_local_difference=0.3,
+        near_min_score=-1.0,
+        near_max_candidates=50,
     )
 
 
@@ -72,6 +84,15 @@ def test_from_env_reads_every_variable():
         ("FAISS_THREADS", "-1"),
         ("DEVICE", "tpu"),
         ("LOG_LEVEL", "loud"),
+        ("NEAR_MAX_PHASH_DISTANCE", "-1"),
+        ("NEAR_MAX_PHASH_DISTANCE", "65"),
+        ("NEAR_MAX_PHASH_DISTANCE", "many"),
+        ("NEAR_MAX_LOCAL_DIFFERENCE", "-0.1"),
+        ("NEAR_MAX_LOCAL_DIFFERENCE", "nan"),
+        ("NEAR_MIN_SCORE", "-1.5"),
+        ("NEAR_MIN_SCORE", "1.5"),
+        ("NEAR_MIN_SCORE", "nan"),
+        ("NEAR_MAX_CANDIDATES", "0"),
     ],
 )
 def test_from_env_rejects_bad_value(name, value):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from imgsearch_common.config import ConfigError
+from imgsearch_common.fingerprints import FINGERPRINT_VERSION, LAYOUT_BYTES, Fingerprint
 from index_service.store import FILE_NAME, NewItem, Store
+from tests.unit.index_service.index_fakes import write_old_store
 
 
 def _new_item(number: int, dim: int = 4) -> NewItem:
@@ -172,3 +174,135 @@ def test_concurrent_adds_from_threads(store):
 
     assert store.count() == 100
     assert len({row_id for row_ids, _ in store.vector_batches() for row_id in row_ids}) == 100
+
+
+# Fingerprints
+
+
+def _fingerprint(number: int, pixel_sha256: str | None = None, phash: int | None = None) -> Fingerprint:
+    return Fingerprint(
+        version=FINGERPRINT_VERSION,
+        pixel_sha256=pixel_sha256 or f"{number:064x}",
+        phash=(2**64 - 1 - number) if phash is None else phash,
+        width=10 + number,
+        height=20 + number,
+        layout=bytes([number % 256]) * LAYOUT_BYTES,
+    )
+
+
+def _fingerprinted_item(number: int, **fingerprint_fields) -> NewItem:
+    return dataclasses.replace(_new_item(number), fingerprint=_fingerprint(number, **fingerprint_fields))
+
+
+@pytest.mark.parametrize("phash", [0, 1, 2**63 - 1, 2**63, 2**64 - 1])
+def test_fingerprint_round_trip(store, phash):
+    [row_id] = store.add_items([_fingerprinted_item(1, phash=phash)])
+
+    stored = store.items_by_row_id([row_id])[row_id]
+
+    assert stored.fingerprint == _fingerprint(1, phash=phash)
+    assert store.fingerprints_by_row_id([row_id]) == {row_id: _fingerprint(1, phash=phash)}
+
+
+def test_item_without_fingerprint(store):
+    [row_id] = store.add_items([_new_item(1)])
+
+    assert store.items_by_row_id([row_id])[row_id].fingerprint is None
+    assert store.fingerprints_by_row_id([row_id]) == {}
+    assert list(store.phash_batches()) == []
+
+
+def test_items_by_pixel_sha256_allows_several(store):
+    shared = "a" * 64
+    store.add_items([_fingerprinted_item(1, pixel_sha256=shared), _fingerprinted_item(2)])
+    store.add_items([_fingerprinted_item(3, pixel_sha256=shared), _new_item(4)])
+
+    found = store.items_by_pixel_sha256([shared, "b" * 64])
+
+    assert list(found) == [shared]
+    assert [item.item_id for item in found[shared]] == ["item-1", "item-3"]
+
+
+def test_phash_batches_cover_fingerprinted_items(store):
+    store.add_items([_fingerprinted_item(n) if n % 3 else _new_item(n) for n in range(1, 11)])
+
+    batches = list(store.phash_batches(batch_size=4))
+
+    row_ids = np.concatenate([batch_row_ids for batch_row_ids, _, _ in batches])
+    phashes = np.concatenate([batch_phashes for _, batch_phashes, _ in batches])
+    versions = np.concatenate([batch_versions for _, _, batch_versions in batches])
+    assert [len(batch_row_ids) for batch_row_ids, _, _ in batches] == [4, 3]
+    assert row_ids.tolist() == [1, 2, 4, 5, 7, 8, 10]
+    assert phashes.dtype == np.uint64
+    assert phashes.tolist() == [2**64 - 1 - n for n in (1, 2, 4, 5, 7, 8, 10)]
+    assert versions.tolist() == [FINGERPRINT_VERSION] * 7
+
+
+def test_exact_groups_up_to_row_id(store):
+    shared, other = "a" * 64, "b" * 64
+    store.add_items(
+        [
+            _fingerprinted_item(1, pixel_sha256=shared),
+            _fingerprinted_item(2, pixel_sha256=other),
+            _fingerprinted_item(3),
+            _fingerprinted_item(4, pixel_sha256=shared),
+            _fingerprinted_item(5, pixel_sha256=other),
+            _fingerprinted_item(6, pixel_sha256=shared),
+        ]
+    )
+
+    assert store.exact_groups(max_row_id=6) == [[1, 4, 6], [2, 5]]
+    assert store.exact_groups(max_row_id=4) == [[1, 4]]
+
+
+def test_exact_groups_need_same_version(store):
+    newer = dataclasses.replace(_fingerprint(2, pixel_sha256="a" * 64), version=FINGERPRINT_VERSION + 1)
+    same_pixels = _fingerprinted_item(1, pixel_sha256="a" * 64)
+    store.add_items([same_pixels, dataclasses.replace(_new_item(2), fingerprint=newer)])
+
+    assert store.exact_groups(max_row_id=10) == []
+
+
+def test_counts_up_to_row_id(store):
+    assert store.max_row_id() == 0
+    store.add_items([_new_item(n) for n in range(5)])
+
+    assert store.max_row_id() == 5
+    assert store.count() == 5
+    assert store.count(max_row_id=3) == 3
+    assert [len(row_ids) for row_ids, _ in store.vector_batches(batch_size=2, max_row_id=3)] == [2, 1]
+
+
+# Migration
+
+def test_old_store_gains_fingerprint_columns(tmp_path):
+    write_old_store(tmp_path, [np.ones(4), np.arange(4)])
+
+    store = Store(tmp_path)
+    try:
+        columns = {row[1] for row in store._connection.execute("PRAGMA table_info(items)")}
+        indexes = {row[1] for row in store._connection.execute("PRAGMA index_list(items)")}
+        old = store.items_by_item_id(["old-0", "old-1"])
+        [new_row_id] = store.add_items([_fingerprinted_item(7)])
+        new = store.items_by_row_id([new_row_id])[new_row_id]
+    finally:
+        store.close()
+
+    assert {"fingerprint_version", "pixel_sha256", "phash", "layout"} <= columns
+    assert "items_pixel_sha256" in indexes
+    assert [old[item_id].fingerprint for item_id in ("old-0", "old-1")] == [None, None]
+    assert old["old-1"].vector.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert new_row_id == 3
+    assert new.fingerprint == _fingerprint(7)
+
+
+def test_migrated_store_opens_again(tmp_path):
+    write_old_store(tmp_path, [np.ones(4)])
+    Store(tmp_path).close()
+
+    reopened = Store(tmp_path)
+    try:
+        assert reopened.count() == 1
+        assert reopened.settings() == {"model_id": "fake-clip", "dim": "4"}
+    finally:
+        reopened.close()

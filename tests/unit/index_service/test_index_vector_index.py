@@ -183,3 +183,23 @@ def test_concurrent_searches_during_adds(cpu_index):
 
     assert failures == []
     assert len(cpu_index) == 400
+
+
+def test_vectors_by_row_id(cpu_index):
+    database = _unit_vectors(50, seed=7)
+    row_ids = np.arange(50, dtype=np.int64) * 2 + 100
+    cpu_index.add(row_ids, database)
+
+    vectors = cpu_index.vectors(np.array([198, 100, 150]))
+
+    np.testing.assert_array_equal(vectors, database[[49, 0, 25]])
+    assert cpu_index.vectors(np.array([], dtype=np.int64)).shape == (0, _DIM)
+
+
+def test_vectors_of_unknown_row_id(cpu_index):
+    with pytest.raises(KeyError, match="row_id 3 is not in the index, which is empty"):
+        cpu_index.vectors(np.array([3]))
+    cpu_index.add(np.array([1]), _unit_vectors(1, seed=8))
+
+    with pytest.raises(KeyError, match="not every row_id of \\[1, 4\\]"):
+        cpu_index.vectors(np.array([1, 4]))
