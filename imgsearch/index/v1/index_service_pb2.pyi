@@ -235,3 +235,49 @@ class FindDuplicatesResponse(_message.Message):
     group: DuplicateGroup
     summary: FindDuplicatesSummary
     def __init__(self, progress: _Optional[_Union[FindDuplicatesProgress, _Mapping]] = ..., group: _Optional[_Union[DuplicateGroup, _Mapping]] = ..., summary: _Optional[_Union[FindDuplicatesSummary, _Mapping]] = ...) -> None: ...
+
+class RemoveItemsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RemoveItemsResponse(_message.Message):
+    __slots__ = ("removed_count", "not_found_item_ids")
+    REMOVED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    removed_count: int
+    not_found_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, removed_count: _Optional[int] = ..., not_found_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateMetadataRequest(_message.Message):
+    __slots__ = ("item_id", "set", "remove_keys", "replace")
+    class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    set: _containers.ScalarMap[str, str]
+    remove_keys: _containers.RepeatedScalarFieldContainer[str]
+    replace: bool
+    def __init__(self, item_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove_keys: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class UpdateMetadataResponse(_message.Message):
+    __slots__ = ("metadata",)
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -56,6 +56,16 @@ class IndexServiceStub:
                 request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesResponse.FromString,
                 _registered_method=True)
+        self.RemoveItems = channel.unary_unary(
+                '/imgsearch.index.v1.IndexService/RemoveItems',
+                request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.RemoveItemsRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.RemoveItemsResponse.FromString,
+                _registered_method=True)
+        self.UpdateMetadata = channel.unary_unary(
+                '/imgsearch.index.v1.IndexService/UpdateMetadata',
+                request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.UpdateMetadataRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.UpdateMetadataResponse.FromString,
+                _registered_method=True)
 
 
 class IndexServiceServicer:
@@ -97,6 +107,22 @@ class IndexServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveItems(self, request, context):
+        """Removes items by item_id. A removed item is never returned again, after
+        a restart included, and its item_id is never reused. Unknown item_ids are
+        reported, not treated as errors, so a retried call is harmless.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMetadata(self, request, context):
+        """Changes the metadata of one stored item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +145,16 @@ def add_IndexServiceServicer_to_server(servicer, server):
                     servicer.FindDuplicates,
                     request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesRequest.FromString,
                     response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesResponse.SerializeToString,
+            ),
+            'RemoveItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveItems,
+                    request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.RemoveItemsRequest.FromString,
+                    response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.RemoveItemsResponse.SerializeToString,
+            ),
+            'UpdateMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMetadata,
+                    request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.UpdateMetadataRequest.FromString,
+                    response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.UpdateMetadataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +267,60 @@ class IndexService:
             '/imgsearch.index.v1.IndexService/FindDuplicates',
             imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesRequest.SerializeToString,
             imgsearch_dot_index_dot_v1_dot_index__service__pb2.FindDuplicatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgsearch.index.v1.IndexService/RemoveItems',
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.RemoveItemsRequest.SerializeToString,
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.RemoveItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgsearch.index.v1.IndexService/UpdateMetadata',
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.UpdateMetadataRequest.SerializeToString,
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.UpdateMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
