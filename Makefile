@@ -6,7 +6,7 @@ DATASET ?= $(if $(wildcard ../shared/datasets/coco128/images/train2017),../share
 MODEL_DIR ?= models/tiny-clip-random
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos check-protos demo test clean tiny-clip bench-dupes test-inference system-deps
+.PHONY: help venv protos check-protos demo test clean tiny-clip bench-dupes test-inference system-deps soak
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,7 +38,7 @@ COCO128 ?= $(if $(wildcard ../shared/datasets/coco128/images),../shared/datasets
 bench-dupes: venv ## Duplicate benchmark on COCO128 variants; writes bench/results/dupes.*
 	@test -n '$(COCO128)' || { echo "set COCO128=DIR, a folder with images/train2017 and labels/train2017"; exit 2; }
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python -m bench.dupes --dataset '$(COCO128)' --model-dir '$(MODEL_DIR)' --out bench/results
+	$(BIN)/python -m bench.dupes --dataset '$(COCO128)' --model-dir '$(MODEL_DIR)' --out bench/results --readme README.md
 
 SYSTEM_PACKAGES := chromium chromium-driver iproute2 util-linux
 
@@ -74,3 +74,8 @@ $(INFERENCE_STAMP): scripts/inference/requirements.txt
 test-inference: venv $(INFERENCE_STAMP) ## Run tests/inference against a real Inference server in a loopback-only namespace
 	command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
 	VENV='$(VENV)' INFERENCE_VENV='$(INFERENCE_VENV)' MODEL_DIR='$(MODEL_DIR)' scripts/inference/run_tests_in_netns.sh
+
+SOAK_S ?= 60
+
+soak: venv ## Load both services for SOAK_S seconds (default 60) and check them; writes bench/results/soak.json
+	$(BIN)/python -m bench.soak --duration '$(SOAK_S)' --out bench/results/soak.json

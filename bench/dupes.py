@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bench.dupes_metrics import ORIGINAL, Member, score_groups
-from bench.dupes_report import write_plot, write_table
+from bench.dupes_report import update_readme, write_plot, write_table
 from bench.dupes_variants import make_variants, yolo_boxes
 from bench.services import running_services
 from imgsearch_client.client import DuplicateCriteria, DuplicateGroup, IndexClient, IngestItem
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=pathlib.Path, required=True, help="CLIP ONNX model folder")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"), help="results folder")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N originals (0: all)")
+    parser.add_argument("--readme", type=pathlib.Path, help="README whose bench-dupes section gets the table")
     args = parser.parse_args(argv)
     configure_logging("warning")
 
@@ -46,11 +47,15 @@ def main(argv: list[str] | None = None) -> int:
             runs = _ingest_and_audit(index_addr, items, members)
 
     result = _result_document(runs, members, model, args)
+    result["distances_by_kind"] = _distance_ranges(distances)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dupes.json").write_text(json.dumps(result, indent=2) + "\n")
     write_table(result, args.out / "dupes.md")
     write_plot(distances, result["policy"], args.out / "dupes.png")
-    print((args.out / "dupes.md").read_text())
+    table = (args.out / "dupes.md").read_text()
+    if args.readme:
+        update_readme(args.readme, table)
+    print(table)
     return 0
 
 
@@ -133,6 +138,19 @@ def _result_document(runs: dict, members: dict[str, Member], model: dict, args) 
         "dataset": str(args.dataset),
         "note": "with_model figures depend on the model; with random weights they say nothing about CLIP",
     }
+
+
+def _distance_ranges(distances: dict[str, list[tuple[int, float]]]) -> dict:
+    """Return each kind's range of pHash distances and local differences to the originals: the margins."""
+    ranges = {}
+    for kind, values in distances.items():
+        phash = [value[0] for value in values]
+        local = [value[1] for value in values]
+        ranges[kind] = {
+            "phash_distance": {"min": min(phash), "max": max(phash)},
+            "local_difference": {"min": round(min(local), 4), "max": round(max(local), 4)},
+        }
+    return ranges
 
 
 def _default_policy() -> dict:

@@ -50,9 +50,24 @@ def write_plot(distances: dict[str, list[tuple[int, float]]], policy: dict, out:
     axes.axvline(policy["max_local_difference"], color="tab:red", linestyle="--",
                  label=f"near threshold {policy['max_local_difference']}")
     axes.set_xscale("symlog", linthresh=0.1)
+    axes.set_xlim(left=0)
     axes.set_xlabel("local difference to the original (symlog scale)")
     axes.set_title("Duplicate benchmark: local difference of each variant kind")
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     pyplot.close(figure)
+
+
+_README_START = "<!-- bench-dupes:start -->"
+_README_END = "<!-- bench-dupes:end -->"
+
+
+def update_readme(readme: pathlib.Path, table: str) -> None:
+    """Replace the text between the bench-dupes markers of the README with the table."""
+    text = readme.read_text()
+    start, end = text.find(_README_START), text.find(_README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {_README_START} ... {_README_END} markers")
+    text = text[: start + len(_README_START)] + "\n" + table.rstrip("\n") + "\n" + text[end:]
+    readme.write_text(text)

@@ -3,7 +3,6 @@
 import dataclasses
 from concurrent import futures
 
-from imgsearch_common.errors import ImgsearchError
 from imgsearch_common.fingerprints import Fingerprint, compute_fingerprint
 from imgsearch_common.images import DecodedImage, decode_image
 
@@ -26,16 +25,20 @@ class ImageAnalyser:
         self._max_image_pixels = max_image_pixels
         self._pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analyse")
 
-    def analyse(self, images: list[bytes]) -> list[AnalysedImage | ImgsearchError]:
-        """Return one analysed image, or the error that makes it unusable, per input, in order."""
+    def analyse(self, images: list[bytes]) -> list[AnalysedImage | Exception]:
+        """Return one analysed image, or the error that makes it unusable, per input, in order.
+
+        The error is an ImgsearchError for a bad or too large image. Any other exception is a bug,
+        returned rather than raised so that only its own image fails.
+        """
         return list(self._pool.map(self._analyse_one, images))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _analyse_one(self, data: bytes) -> AnalysedImage | ImgsearchError:
+    def _analyse_one(self, data: bytes) -> AnalysedImage | Exception:
         try:
             decoded = decode_image(data, self._max_image_pixels)
-        except ImgsearchError as error:
+            return AnalysedImage(decoded=decoded, fingerprint=compute_fingerprint(decoded.picture))
+        except Exception as error:  # noqa: BLE001 - other exceptions become this image's INTERNAL error
             return error
-        return AnalysedImage(decoded=decoded, fingerprint=compute_fingerprint(decoded.picture))

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from imgsearch_common.config import ConfigError, EnvReader
+from imgsearch_common.security import optional_path, server_credentials, token_from_env
 
 ENV_PREFIX = "IMGSEARCH_EMBED_"
 BACKENDS = ("onnx", "inference", "hash")
@@ -47,14 +48,22 @@ class EmbedConfig:
     max_message_bytes: int = 32 * _MIB
     # Maximum width x height of one image. Larger images are rejected before decoding.
     max_image_pixels: int = 50_000_000
-    # Size of the gRPC server's thread pool.
-    max_workers: int = 8
+    # Size of the gRPC server's thread pool: twice the index service's default, so that its 8 handler
+    # threads, each with one EmbedImages stream open, stay below the stream limit of max_workers - 1.
+    max_workers: int = 16
     # Number of ONNX Runtime intra-op threads, where 0 keeps ONNX Runtime's default.
     onnx_threads: int = 0
     # Seconds that running RPCs get to finish after SIGTERM or SIGINT.
     grace_s: float = 5.0
     # Minimum level of the log records that are written.
     log_level: str = "info"
+    # PEM certificate chain and private key of the server. TLS is on when both are set.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM bundle of the CAs that sign client certificates. When set, every client must present one (mutual TLS).
+    tls_client_ca: Path | None = None
+    # Bearer token that every RPC except health checks must send. Empty: no token check. Kept out of repr.
+    auth_token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self):
         # Also runs on dataclasses.replace(), so CLI overrides are checked like env vars.
@@ -90,8 +99,14 @@ def from_env(environ: Mapping[str, str]) -> EmbedConfig:
         onnx_threads=env.int("ONNX_THREADS", _DEFAULTS.onnx_threads, minimum=0),
         grace_s=env.float("GRACE_S", _DEFAULTS.grace_s, minimum=0.0),
         log_level=env.choice("LOG_LEVEL", _DEFAULTS.log_level, LOG_LEVELS),
+        tls_cert=optional_path(env, "TLS_CERT"),
+        tls_key=optional_path(env, "TLS_KEY"),
+        tls_client_ca=optional_path(env, "TLS_CLIENT_CA"),
+        auth_token=token_from_env(env, ENV_PREFIX, "AUTH_TOKEN"),
     )
     _check_text_settings(config)
+    # Reads the TLS files now, so that a missing or malformed one fails here with its setting's name.
+    server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)
     return config
 
 

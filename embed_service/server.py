@@ -10,12 +10,14 @@ from grpc_health.v1 import health
 from embed_service.analysis import ImageAnalyser
 from embed_service.backends import Embedder, create_embedder
 from embed_service.backends.base import ModelInfo
-from embed_service.config import EmbedConfig
+from embed_service.config import ENV_PREFIX, EmbedConfig
 from embed_service.servicer import SERVICE_NAME, EmbedServicer
 from imgsearch.embed.v1 import embed_service_pb2_grpc
 from imgsearch_common.errors import ImgsearchError, UnavailableError
+from imgsearch_common.security import server_credentials
 from imgsearch_common.serving import (
     add_health_and_reflection,
+    bind_port,
     create_server,
     serve_until_signalled,
     set_serving,
@@ -30,10 +32,11 @@ def build_server(config: EmbedConfig) -> tuple[grpc.Server, health.HealthService
     Health stays NOT_SERVING until the backend's check_ready() passes, and follows the backend
     from then on (see BackendHealth). A background thread probes the backend every
     config.health_interval_s seconds, and closes the backend once the server has terminated.
-    Raises RuntimeError when config.listen cannot be bound.
+    Raises RuntimeError when config.listen cannot be bound, and ConfigError when a TLS file cannot be used.
     """
+    credentials = server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)
     embedder = create_embedder(config)
-    server = create_server(config.max_workers, config.max_message_bytes)
+    server = create_server(config.max_workers, config.max_message_bytes, config.auth_token)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     backend_health = BackendHealth(
         embedder, health_servicer, config.health_interval_s, config.health_failure_threshold
@@ -47,7 +50,9 @@ def build_server(config: EmbedConfig) -> tuple[grpc.Server, health.HealthService
         server,
     )
     try:
-        port = server.add_insecure_port(config.listen)
+        port = bind_port(
+            server, config.listen, credentials, authenticated=bool(config.auth_token or config.tls_client_ca)
+        )
     except RuntimeError as error:
         embedder.close()
         raise RuntimeError(f"could not bind the embed service to {config.listen}: {error}") from error

@@ -12,7 +12,6 @@ from embed_service.backends.base import Embedder
 from imgsearch.common.v1 import common_pb2
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import grpc_errors
-from imgsearch_common.errors import ImgsearchError
 from imgsearch_common.fingerprints import Fingerprint
 from imgsearch_common.serving import remaining_seconds
 from imgsearch_common.streams import RequestBatcher
@@ -78,7 +77,7 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         return responses
 
     def _embed_analysed(
-        self, analysed: list[AnalysedImage | ImgsearchError], timeout_s: float
+        self, analysed: list[AnalysedImage | Exception], timeout_s: float
     ) -> tuple[list[np.ndarray | BaseException], str]:
         """Return one vector or exception per image, and the model_id of the vectors."""
         results: list[np.ndarray | BaseException] = list(analysed)

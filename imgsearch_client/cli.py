@@ -37,12 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(subcommands)
     dupes.add_arguments(_subparser(subcommands, "dupes", "find groups of exact, near or similar duplicates"),
                         DEFAULT_INDEX_ADDR)
-    _add_simple(subcommands, "stats", "print the collection's item count, dim and model", DEFAULT_INDEX_ADDR)
+    stats = _add_simple(subcommands, "stats", "print the collection's item count, dim and model", DEFAULT_INDEX_ADDR)
+    _add_connection(stats)
     health = _add_simple(
         subcommands, "health", "check a service's gRPC health; exit 0 when SERVING", DEFAULT_INDEX_ADDR,
         failure="the service is not SERVING, or the check failed",
     )
     health.add_argument("--service", default="", help="service name to check; empty means the whole server")
+    _add_connection(health, token=False)
+    _add_remove(subcommands)
+    _add_update_metadata(subcommands)
     _add_fetch_model(subcommands)
     return parser
 
@@ -86,6 +90,7 @@ def _add_ingest(subcommands) -> None:
                         help="what to do with an image that duplicates a stored item [server default: skip]")
     ingest.add_argument("--duplicate-match", choices=["exact", "near"],
                         help="which matches count as duplicates [server default: exact]")
+    _add_connection(ingest)
 
 
 def _add_search(subcommands) -> None:
@@ -98,6 +103,21 @@ def _add_search(subcommands) -> None:
     search.add_argument("--json", action="store_true", help="print the neighbours as JSON")
     search.add_argument("--grid", type=pathlib.Path, help="write the query beside its neighbours to this PNG file")
     search.add_argument("--timeout", type=positive_float, default=30.0, help="deadline of the call in seconds")
+    _add_connection(search)
+
+
+def _add_connection(parser: argparse.ArgumentParser, token: bool = True) -> None:
+    group = parser.add_argument_group("TLS and authentication")
+    group.add_argument("--tls-ca", type=pathlib.Path,
+                       help="PEM CA bundle that verifies the server's certificate; any --tls-* option turns on TLS "
+                            "[env: IMGSEARCH_TLS_CA]")
+    group.add_argument("--tls-cert", type=pathlib.Path,
+                       help="PEM client certificate for mutual TLS, with --tls-key [env: IMGSEARCH_TLS_CERT]")
+    group.add_argument("--tls-key", type=pathlib.Path,
+                       help="PEM private key of --tls-cert [env: IMGSEARCH_TLS_KEY]")
+    if token:
+        group.add_argument("--token", help="bearer token sent with every call; prefer the env var, because other "
+                                           "users can see command lines [env: IMGSEARCH_TOKEN]")
 
 
 def _add_simple(subcommands, name: str, help_text: str, default_addr: str, failure: str = _CALL_FAILED):
@@ -106,6 +126,45 @@ def _add_simple(subcommands, name: str, help_text: str, default_addr: str, failu
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timeout", type=positive_float, default=10.0, help="deadline of the call in seconds")
     return parser
+
+
+def _add_remove(subcommands) -> None:
+    remove = _add_simple(
+        subcommands, "remove", "remove items by item_id; a removed item's item_id is never reused", DEFAULT_INDEX_ADDR
+    )
+    remove.add_argument("item_ids", nargs="+", metavar="ITEM_ID",
+                        help="item_id of an item to remove; item_ids that name no item are listed, not failures")
+    _add_connection(remove)
+
+
+def _add_update_metadata(subcommands) -> None:
+    update = _add_simple(subcommands, "update-metadata", "set or remove metadata keys of one item", DEFAULT_INDEX_ADDR)
+    update.add_argument("item_id", metavar="ITEM_ID", help="item_id of the item to change")
+    update.add_argument("--set", dest="set_values", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="set KEY to VALUE (split at the first =); repeat for more keys")
+    update.add_argument("--remove-key", dest="remove_keys", action="append", default=[], metavar="KEY",
+                        help="delete KEY; repeat for more keys")
+    update.add_argument("--replace", action="store_true", help="make the --set pairs the item's whole metadata")
+    _add_connection(update)
+
+
+def _key_value(value: str) -> tuple[str, str]:
+    key, separator, text = value.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a non-empty KEY, got {value!r}")
+    return key, text
+
+
+def _check_update_metadata(args: argparse.Namespace) -> None:
+    """Reject an update-metadata command line that changes nothing or contradicts itself, with exit status 2."""
+    set_keys = [key for key, _ in args.set_values]
+    if not (set_keys or args.remove_keys or args.replace):
+        args.command_parser.error("give at least one of --set, --remove-key or --replace")
+    if args.replace and args.remove_keys:
+        args.command_parser.error("--remove-key cannot go with --replace, which drops every key not in --set")
+    both = sorted(set(set_keys) & set(args.remove_keys))
+    if both:
+        args.command_parser.error(f"key {both[0]!r} is in both --set and --remove-key")
 
 
 def _add_fetch_model(subcommands) -> None:
@@ -121,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "search" and (args.image is None) == (args.item_id is None):
         args.command_parser.error("give either an IMAGE file or --item-id, not both or neither")
+    if args.command == "update-metadata":
+        _check_update_metadata(args)
     try:
         return _dispatch(args)
     except commands.CommandError as error:
@@ -139,16 +200,42 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.serve(service, os.environ, overrides)
     if args.command == "ingest":
         policy = commands.DuplicatePolicy(args.on_duplicate or "", args.duplicate_match or "")
-        return commands.ingest(args.addr, args.paths, as_json=args.json, timeout_s=args.timeout, policy=policy)
+        return commands.ingest(args.addr, args.paths, as_json=args.json, timeout_s=args.timeout, policy=policy,
+                               connection=_connection(args, os.environ))
     if args.command == "search":
-        return commands.search(args)
+        return commands.search(args, _connection(args, os.environ))
     if args.command == "dupes":
         return dupes.run(args)
     if args.command == "stats":
-        return commands.stats(args.addr, as_json=args.json, timeout_s=args.timeout)
+        return commands.stats(args.addr, as_json=args.json, timeout_s=args.timeout,
+                              connection=_connection(args, os.environ))
     if args.command == "health":
-        return commands.health(args.addr, args.service, as_json=args.json, timeout_s=args.timeout)
+        return commands.health(args.addr, args.service, as_json=args.json, timeout_s=args.timeout,
+                               connection=_connection(args, os.environ))
+    if args.command == "remove":
+        return commands.remove(args.addr, args.item_ids, as_json=args.json, timeout_s=args.timeout,
+                               connection=_connection(args, os.environ))
+    if args.command == "update-metadata":
+        change = commands.MetadataChange(dict(args.set_values), tuple(args.remove_keys), args.replace)
+        return commands.update_metadata(args.addr, args.item_id, change, as_json=args.json, timeout_s=args.timeout,
+                                        connection=_connection(args, os.environ))
     return commands.fetch_model(args.model, args.out, force=args.force)
+
+
+def _connection(args: argparse.Namespace, environ) -> commands.Connection:
+    """Take each TLS file and the token from its flag, or else from its IMGSEARCH_ env var."""
+
+    def _path(flag_value, variable):
+        value = flag_value if flag_value is not None else environ.get(variable, "")
+        return pathlib.Path(value) if value else None
+
+    token = getattr(args, "token", None)
+    return commands.Connection(
+        tls_ca=_path(args.tls_ca, "IMGSEARCH_TLS_CA"),
+        tls_cert=_path(args.tls_cert, "IMGSEARCH_TLS_CERT"),
+        tls_key=_path(args.tls_key, "IMGSEARCH_TLS_KEY"),
+        token=token if token is not None else environ.get("IMGSEARCH_TOKEN", ""),
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """A thin client for the index service: ingest streams, search, stats and duplicates, with plain Python types."""
 
 import dataclasses
+import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgsearch.common.v1 import common_pb2
 from imgsearch.index.v1 import index_service_pb2, index_service_pb2_grpc
+from imgsearch_common.security import open_channel
 from imgsearch_common.serving import message_size_options
 
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -29,23 +31,39 @@ class ClientError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class IngestItem:
-    """One image to ingest: its bytes and optional item_id, uri and metadata.
+    """One image, or one embedding computed elsewhere, to ingest, with optional item_id, uri and metadata.
 
-    on_duplicate is "add", "skip" or "reject" (empty: the server's default, skip); duplicate_match is
-    "exact" or "near" (empty: exact), the matches that count as duplicates.
+    Give either image bytes or embedding, a sequence of floats, with the model_id of the model that
+    produced it; the server stores an embedding without embedding anything. on_duplicate is "add",
+    "skip" or "reject" (empty: the server's default, skip); duplicate_match is "exact" or "near"
+    (empty: exact), the matches that count as duplicates. An embedding is matched by item_id only.
     """
 
-    image: bytes
+    image: bytes = b""
     item_id: str = ""
     uri: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     on_duplicate: str = ""
     duplicate_match: str = ""
+    embedding: Sequence[float] | None = None
+    model_id: str = ""
 
     def __post_init__(self):
         # Checked here, in the caller's thread, rather than while gRPC reads the request stream.
         _check_choice("on_duplicate", self.on_duplicate, _ON_DUPLICATE_CHOICES)
         _check_choice("duplicate_match", self.duplicate_match, _DUPLICATE_MATCH_CHOICES)
+        if self.image and self.embedding is not None:
+            raise ValueError("give either image or embedding, not both")
+        if self.embedding is not None and not self.model_id:
+            raise ValueError("an embedding needs the model_id of the model that produced it")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoveOutcome:
+    """What a removal did: how many items it removed, and the requested item_ids that named no stored item."""
+
+    removed_count: int
+    not_found_item_ids: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +174,22 @@ _STATUS_NAMES = {
 class IndexClient:
     """Client of one index service. Use as a context manager, or call close()."""
 
-    def __init__(self, addr: str, timeout_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        addr: str,
+        timeout_s: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str = "",
+    ):
+        """Open a channel to addr: TLS when credentials are given, and token as a bearer token on every call when set.
+
+        imgsearch_common.security.channel_credentials builds credentials from PEM files.
+        """
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(addr, options=message_size_options(max_message_bytes))
+        self._max_message_bytes = max_message_bytes
+        self._channel = open_channel(addr, message_size_options(max_message_bytes), credentials, token)
         self._stub = index_service_pb2_grpc.IndexServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -178,26 +209,26 @@ class IndexClient:
 
         At most max_in_flight items are sent ahead of their results, so a large folder is read lazily.
         timeout_s bounds the whole stream; by default there is no deadline for ingest streams.
+
+        An item whose request is larger than the client's max_message_bytes is not sent, because
+        gRPC would fail the whole stream: its outcome fails with RESOURCE_EXHAUSTED, and the
+        stream goes on. When iterating items raises, nothing more is sent, the outcomes of the
+        items already sent are yielded, and then that exception is raised. Closing the iterator
+        early cancels the call.
         """
-        window = threading.Semaphore(max_in_flight)
-        finished = threading.Event()
-
-        def requests():
-            for item in items:
-                # Wake up now and then, so that the sending thread ends when the call has ended.
-                while not window.acquire(timeout=0.2):
-                    if finished.is_set():
-                        return
-                yield _ingest_request(item)
-
+        stream = _IngestRequests(items, self._max_message_bytes, max_in_flight)
+        responses = self._stub.IngestImages(stream.requests(), timeout=timeout_s)
         try:
-            for response in self._stub.IngestImages(requests(), timeout=timeout_s):
-                window.release()
-                yield _outcome_from_proto(response)
+            while (slot := stream.next_slot(responses)) is not _END_OF_ITEMS:
+                if isinstance(slot, _ItemsFailed):
+                    raise slot.error
+                yield slot if isinstance(slot, IngestOutcome) else _outcome_from_proto(_next_response(responses))
+                stream.release_slot()
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
         finally:
-            finished.set()
+            stream.finish()
+            responses.cancel()
 
     def search(
         self,
@@ -252,9 +283,156 @@ class IndexClient:
             responses.cancel()
 
 
-def check_health(addr: str, service: str = "", timeout_s: float = 5.0) -> str:
-    """Return the health status name (for example "SERVING") that the server at addr reports."""
-    with grpc.insecure_channel(addr) as channel:
+    def remove_items(self, item_ids: Iterable[str]) -> RemoveOutcome:
+        """Remove items by item_id; item_ids that name no stored item are reported, not raised.
+
+        Raises ValueError for no item_ids, and ClientError when the call fails. Removal is
+        idempotent, so a call that failed with UNAVAILABLE or DEADLINE_EXCEEDED can be repeated.
+        """
+        request = index_service_pb2.RemoveItemsRequest(item_ids=list(item_ids))
+        if not request.item_ids:
+            raise ValueError("give at least one item_id to remove")
+        try:
+            response = self._stub.RemoveItems(request, timeout=self._timeout_s)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        return RemoveOutcome(
+            removed_count=response.removed_count, not_found_item_ids=tuple(response.not_found_item_ids)
+        )
+
+    def update_metadata(
+        self,
+        item_id: str,
+        set_values: Mapping[str, str] | None = None,
+        remove_keys: Iterable[str] = (),
+        replace: bool = False,
+    ) -> dict[str, str]:
+        """Set and remove metadata keys of one item, or with replace, make set_values its whole metadata.
+
+        Returns the item's metadata after the change. Raises ClientError: NOT_FOUND for an unknown
+        item_id, INVALID_ARGUMENT for a key in both set_values and remove_keys or remove_keys with
+        replace, RESOURCE_EXHAUSTED above the server's limits.
+        """
+        request = index_service_pb2.UpdateMetadataRequest(
+            item_id=item_id, set=dict(set_values or {}), remove_keys=list(remove_keys), replace=replace
+        )
+        try:
+            response = self._stub.UpdateMetadata(request, timeout=self._timeout_s)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        return dict(response.metadata)
+
+
+# How often the threads of an ingest stream check whether the call has ended while they wait.
+_INGEST_POLL_S = 0.2
+# The slot that ends an ingest stream's items.
+_END_OF_ITEMS = object()
+# The slot of an item that was sent, whose outcome is the next response.
+_SENT = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ItemsFailed:
+    """The slot after the last item sent, when iterating the caller's items raised `error`."""
+
+    error: Exception
+
+
+class _IngestRequests:
+    """The request side of one ingest stream.
+
+    requests() runs on gRPC's sending thread. For each item, in order, it puts a slot on a queue:
+    _SENT for an item sent to the server, the outcome of an item rejected before sending,
+    _ItemsFailed when the items raised, and finally _END_OF_ITEMS. The caller reads the slots in the
+    same order, so local outcomes and server responses come back in item order.
+    """
+
+    def __init__(self, items: Iterable[IngestItem], max_message_bytes: int, max_in_flight: int):
+        self._items = items
+        self._max_message_bytes = max_message_bytes
+        self._window = threading.Semaphore(max_in_flight)
+        self._finished = threading.Event()
+        self._slots: queue.Queue = queue.Queue()
+
+    def requests(self) -> Iterator[index_service_pb2.IngestImagesRequest]:
+        try:
+            iterator = iter(self._items)
+            while self._wait_for_window():
+                item = next(iterator, _END_OF_ITEMS)
+                if item is _END_OF_ITEMS:
+                    break
+                request = _ingest_request(item)
+                size = request.ByteSize()
+                if size > self._max_message_bytes:
+                    self._slots.put(_too_large_outcome(item, size, self._max_message_bytes))
+                    continue
+                self._slots.put(_SENT)
+                yield request
+        except Exception as error:  # noqa: BLE001 - the caller's thread raises it, after earlier outcomes
+            self._slots.put(_ItemsFailed(error))
+            return
+        self._slots.put(_END_OF_ITEMS)
+
+    def next_slot(self, responses) -> object:
+        """Return the next slot, or raise the call's error when the call ends before the slot comes."""
+        while True:
+            try:
+                return self._slots.get(timeout=_INGEST_POLL_S)
+            except queue.Empty:
+                pass
+            if responses.done():
+                # Each slot is put before its request is sent, so every slot exists once the call has ended.
+                try:
+                    return self._slots.get_nowait()
+                except queue.Empty:
+                    next(responses, None)  # raises the call's error, if it failed
+                    raise ClientError("INTERNAL", "the server ended the ingest stream before every item was sent")
+
+    def release_slot(self) -> None:
+        self._window.release()
+
+    def finish(self) -> None:
+        self._finished.set()
+
+    def _wait_for_window(self) -> bool:
+        """Wait until another item may be in flight; return False when the call has ended meanwhile."""
+        while not self._window.acquire(timeout=_INGEST_POLL_S):
+            if self._finished.is_set():
+                return False
+        return not self._finished.is_set()
+
+
+def _next_response(
+    responses: Iterator[index_service_pb2.IngestImagesResponse],
+) -> index_service_pb2.IngestImagesResponse:
+    response = next(responses, None)
+    if response is None:
+        raise ClientError("INTERNAL", "the server ended the ingest stream before it sent a response for every item")
+    return response
+
+
+def _too_large_outcome(item: IngestItem, size: int, max_message_bytes: int) -> IngestOutcome:
+    return IngestOutcome(
+        item_id="",
+        status="failed",
+        uri=item.uri,
+        error_code="RESOURCE_EXHAUSTED",
+        error_message=(
+            f"the request for this item is {size} bytes, above the client's message limit of "
+            f"{max_message_bytes} bytes, so it was not sent; send a smaller image, or raise "
+            "max_message_bytes on the client and the server"
+        ),
+    )
+
+
+def check_health(
+    addr: str, service: str = "", timeout_s: float = 5.0, *, credentials: grpc.ChannelCredentials | None = None
+) -> str:
+    """Return the health status name (for example "SERVING") that the server at addr reports.
+
+    credentials are needed for a server with TLS. Health checks need no token.
+    """
+    with open_channel(addr, [], credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -285,9 +463,11 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _ingest_request(item: IngestItem) -> index_service_pb2.IngestImagesRequest:
-    request = index_service_pb2.IngestImagesRequest(
-        image=item.image, item_id=item.item_id, uri=item.uri, metadata=dict(item.metadata)
-    )
+    request = index_service_pb2.IngestImagesRequest(item_id=item.item_id, uri=item.uri, metadata=dict(item.metadata))
+    if item.embedding is not None:
+        request.embedding.CopyFrom(common_pb2.Embedding(values=list(item.embedding), model_id=item.model_id))
+    else:
+        request.image = item.image
     if item.on_duplicate:
         request.on_duplicate = index_service_pb2.OnDuplicate.Value("ON_DUPLICATE_" + item.on_duplicate.upper())
     if item.duplicate_match:

@@ -7,17 +7,58 @@ import pathlib
 import sys
 from collections.abc import Mapping
 
+import grpc
 from tqdm import tqdm
 
 from imgsearch_client.client import ClientError, IndexClient, IngestItem, Neighbour, check_health
 from imgsearch_client.files import find_images
 from imgsearch_client.grid import draw_grid
 from imgsearch_common.config import ConfigError
+from imgsearch_common.errors import FailedPreconditionError
 from imgsearch_common.logs import configure_logging
+from imgsearch_common.security import channel_credentials, check_token
 
 
 class CommandError(Exception):
     """A command failed; the message is printed as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """TLS files and bearer token with which a command reaches a service; all optional."""
+
+    tls_ca: pathlib.Path | None = None
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    token: str = dataclasses.field(default="", repr=False)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Build TLS credentials from the files. Raises CommandError, naming the flag, for a file that cannot be used."""
+        try:
+            return channel_credentials(self.tls_ca, self.tls_cert, self.tls_key, _TLS_FLAG_NAMES)
+        except ConfigError as error:
+            raise CommandError(str(error)) from None
+
+    def client(self, addr: str, **options) -> IndexClient:
+        """Open an IndexClient to addr with this connection's TLS and token; options go to IndexClient."""
+        if self.token:
+            try:
+                check_token("--token or IMGSEARCH_TOKEN", self.token)
+            except ConfigError as error:
+                raise CommandError(str(error)) from None
+        return IndexClient(addr, credentials=self.credentials(), token=self.token, **options)
+
+
+_TLS_FLAG_NAMES = ("--tls-ca or IMGSEARCH_TLS_CA", "--tls-cert or IMGSEARCH_TLS_CERT", "--tls-key or IMGSEARCH_TLS_KEY")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataChange:
+    """What update-metadata changes: keys to set, keys to delete, and whether the set keys replace all others."""
+
+    set_values: Mapping[str, str]
+    remove_keys: tuple[str, ...] = ()
+    replace: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +85,20 @@ def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, obje
     configure_logging(config.log_level)
     try:
         service_server.run(config)
-    except (ConfigError, RuntimeError, OSError) as error:
-        # Start-up failures: a port in use, a data folder that cannot be opened or is locked.
+    except (ConfigError, RuntimeError, OSError, FailedPreconditionError) as error:
+        # Start-up failures: a port in use, a data folder that cannot be opened or is locked, or one
+        # that holds another model's embeddings than the embed service runs.
         raise CommandError(f"the {service} service could not start: {error}") from None
     return 0
 
 
 def ingest(
-    addr: str, paths: list[str], as_json: bool, timeout_s: float | None, policy: DuplicatePolicy = DuplicatePolicy()
+    addr: str,
+    paths: list[str],
+    as_json: bool,
+    timeout_s: float | None,
+    policy: DuplicatePolicy = DuplicatePolicy(),
+    connection: Connection = Connection(),
 ) -> int:
     """Stream every image under paths to the index service; return 1 when any item failed."""
     try:
@@ -61,7 +108,7 @@ def ingest(
     counts = collections.Counter({"added": 0, "already_present": 0, "failed": 0})
     read_errors: list[CommandError] = []
 
-    with IndexClient(addr) as client, tqdm(total=len(files), unit="image", desc="ingest", file=sys.stderr) as bar:
+    with connection.client(addr) as client, tqdm(total=len(files), unit="image", desc="ingest", file=sys.stderr) as bar:
         try:
             for outcome in client.ingest(_items(files, read_errors, policy), timeout_s=timeout_s):
                 counts[outcome.status] += 1
@@ -118,10 +165,10 @@ def _report_outcome(outcome, as_json: bool, bar: tqdm) -> None:
         bar.write(f"failed: {outcome.uri}: {outcome.error_code}: {outcome.error_message}", file=sys.stderr)
 
 
-def search(args) -> int:
+def search(args, connection: Connection = Connection()) -> int:
     """Search with an image file or a stored item_id and print the neighbours, best first."""
     query = _read(pathlib.Path(args.image)) if args.image else None
-    with IndexClient(args.addr, timeout_s=args.timeout) as client:
+    with connection.client(args.addr, timeout_s=args.timeout) as client:
         try:
             neighbours = client.search(image=query, item_id=args.item_id, k=args.k, min_score=args.min_score)
         except (ClientError, ValueError) as error:
@@ -157,9 +204,9 @@ def _read_if_local(uri: str) -> bytes | None:
     return path.read_bytes() if uri and path.is_file() else None
 
 
-def stats(addr: str, as_json: bool, timeout_s: float) -> int:
+def stats(addr: str, as_json: bool, timeout_s: float, connection: Connection = Connection()) -> int:
     """Print the collection's statistics."""
-    with IndexClient(addr, timeout_s=timeout_s) as client:
+    with connection.client(addr, timeout_s=timeout_s) as client:
         try:
             values = client.stats()
         except ClientError as error:
@@ -172,16 +219,50 @@ def stats(addr: str, as_json: bool, timeout_s: float) -> int:
     return 0
 
 
-def health(addr: str, service: str, as_json: bool, timeout_s: float) -> int:
-    """Print the health status of a service; return 0 only when it is SERVING."""
+def health(addr: str, service: str, as_json: bool, timeout_s: float, connection: Connection = Connection()) -> int:
+    """Print the health status of a service; return 0 only when it is SERVING. Health checks send no token."""
     try:
-        status = check_health(addr, service, timeout_s)
+        status = check_health(addr, service, timeout_s, credentials=connection.credentials())
     except ClientError as error:
         if error.code == "NOT_FOUND":
             raise CommandError(f"{addr} has no health status for service {service!r}") from None
         raise CommandError(f"health check of {addr} failed: {error}") from None
     print(json.dumps({"addr": addr, "service": service, "status": status}) if as_json else status)
     return 0 if status == "SERVING" else 1
+
+
+def remove(addr: str, item_ids: list[str], as_json: bool, timeout_s: float, connection: Connection = Connection()) -> int:
+    """Remove items by item_id and print how many went, and which item_ids named no stored item."""
+    with connection.client(addr, timeout_s=timeout_s) as client:
+        try:
+            outcome = client.remove_items(item_ids)
+        except ClientError as error:
+            raise CommandError(str(error)) from None
+    if as_json:
+        print(json.dumps({"removed_count": outcome.removed_count, "not_found_item_ids": list(outcome.not_found_item_ids)}))
+        return 0
+    print(f"removed {outcome.removed_count} items")
+    if outcome.not_found_item_ids:
+        print(f"not found: {', '.join(outcome.not_found_item_ids)}")
+    return 0
+
+
+def update_metadata(
+    addr: str, item_id: str, change: MetadataChange, as_json: bool, timeout_s: float,
+    connection: Connection = Connection(),
+) -> int:
+    """Change one item's metadata and print the metadata it has afterwards."""
+    with connection.client(addr, timeout_s=timeout_s) as client:
+        try:
+            metadata = client.update_metadata(item_id, change.set_values, change.remove_keys, change.replace)
+        except ClientError as error:
+            raise CommandError(str(error)) from None
+    if as_json:
+        print(json.dumps({"item_id": item_id, "metadata": metadata}, sort_keys=True))
+    else:
+        for key, value in sorted(metadata.items()):
+            print(f"{key}: {value}")
+    return 0
 
 
 def fetch_model(model: str, out: pathlib.Path, force: bool) -> int:

@@ -25,10 +25,11 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: str = "info", json: bool | None = None) -> None:
+def configure_logging(level: str = "info", json: bool | None = None, cache_loggers: bool = True) -> None:
     """Send structlog and stdlib records through one processor chain to stderr.
 
-    Output is JSON lines unless stderr is a terminal; pass json to choose explicitly.
+    Output is JSON lines unless stderr is a terminal; pass json to choose explicitly. Tests pass
+    cache_loggers=False, because structlog.testing.capture_logs cannot reach a cached logger.
     """
     if json is None:
         json = not sys.stderr.isatty()
@@ -46,7 +47,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         processors=shared + [structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache_loggers,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

@@ -11,9 +11,10 @@ log = structlog.get_logger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 
 # Health probes and reflection come every few seconds from orchestrators; their lines are debug.
-_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+_HEALTH_PREFIX = "/grpc.health."
+_QUIET_PREFIXES = ("/grpc.reflection.",)
 # Statuses that describe the caller's request rather than a failure of the service.
-_EXPECTED_STATUSES = {"OK", "CANCELLED", "NOT_FOUND", "INVALID_ARGUMENT", "ALREADY_EXISTS"}
+_EXPECTED_STATUSES = {"OK", "CANCELLED", "NOT_FOUND", "INVALID_ARGUMENT", "ALREADY_EXISTS", "UNAUTHENTICATED"}
 
 
 class RpcLogInterceptor(grpc.ServerInterceptor):
@@ -21,9 +22,11 @@ class RpcLogInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
+        # Health handlers are left unwrapped: its Watch is non-blocking, and a wrapper would make it
+        # hold a worker thread for as long as the watch lasts.
+        if handler is None or method.startswith(_HEALTH_PREFIX):
+            return handler
         if handler.unary_unary:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
         if handler.stream_stream:
@@ -88,8 +91,7 @@ def _wrap_streaming(behaviour, method):
 
 
 def _log_finished(method, request_id, context, started, sent=None, requests=None, failed=False):
-    code = context.code()
-    status = code.name if code is not None else ("UNKNOWN" if failed else "OK")
+    status = _status_of(context, failed)
     fields = {
         "method": method,
         "request_id": request_id,
@@ -106,3 +108,16 @@ def _log_finished(method, request_id, context, started, sent=None, requests=None
         log.info("rpc_finished", **fields)
     else:
         log.error("rpc_finished", **fields)
+
+
+def _status_of(context, failed: bool) -> str:
+    """Return the name of the status that the call ends with, as far as the server can tell."""
+    code = context.code()
+    if code is not None:
+        return code.name
+    if not context.is_active():
+        # The call ended before the handler set a status: the client cancelled it, or its deadline passed.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    # gRPC sends UNKNOWN for an exception that escapes a handler without a status.
+    return "UNKNOWN" if failed else "OK"

@@ -1,4 +1,4 @@
-"""gRPC server plumbing shared by both services: limits, health, reflection and shutdown."""
+"""gRPC server plumbing shared by both services: limits, TLS and tokens, health, reflection and shutdown."""
 
 import signal
 import threading
@@ -11,6 +11,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imgsearch_common.rpc_log import RpcLogInterceptor
+from imgsearch_common.security import BearerTokenInterceptor, warn_if_exposed
+from imgsearch_common.stream_limit import StreamLimitInterceptor
 
 log = structlog.get_logger(__name__)
 
@@ -26,18 +28,43 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def create_server(max_workers: int, max_message_bytes: int) -> grpc.Server:
+def create_server(max_workers: int, max_message_bytes: int, auth_token: str = "") -> grpc.Server:
     """Create a server with a bounded thread pool, raised message limits and one log line per RPC.
 
     SO_REUSEPORT is off, so a second server on a port that is in use fails to start instead of
-    sharing the port.
+    sharing the port. A non-empty auth_token makes every RPC but health checks need it as a bearer token.
+
+    An open stream occupies its thread even while its client sends nothing. So at most max_workers - 1
+    streaming calls run at once (1 when max_workers is 1), and more are rejected at once with
+    RESOURCE_EXHAUSTED. With max_workers of 2 or more, idle streams can never take the last thread,
+    and health checks and other unary calls still run. gRPC's maximum_concurrent_rpcs cannot do this
+    because it counts health checks too; it only rejects calls beyond max_workers * 4 in all.
     """
+    # The log interceptor comes first, so that it wraps and logs the RPCs that the token check rejects.
+    interceptors = [RpcLogInterceptor()] + ([BearerTokenInterceptor(auth_token)] if auth_token else [])
+    interceptors.append(StreamLimitInterceptor(max(1, max_workers - 1)))
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[RpcLogInterceptor()],
+        interceptors=interceptors,
         options=message_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 4,
     )
+
+
+def bind_port(
+    server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None, authenticated: bool
+) -> int:
+    """Bind server to listen, with TLS when credentials are given, and return the bound port.
+
+    Logs a warning when listen is not a loopback address and TLS, or authentication of callers (a
+    bearer token or client certificates), is off. Raises RuntimeError when listen cannot be bound.
+    """
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
+    warn_if_exposed(listen, tls=credentials is not None, authenticated=authenticated)
+    return port
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:

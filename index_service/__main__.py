@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imgsearch_common.config import ConfigError
 from imgsearch_common.logs import configure_logging
+from index_service.collection import EmbedModelMismatchError
 from index_service.config import IndexConfig, from_env
 from index_service.server import run
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
         run(config)
     except ConfigError as error:
         raise SystemExit(f"index_service: invalid configuration: {error}") from None
+    except EmbedModelMismatchError as error:
+        raise SystemExit(f"index_service: cannot start: {error}") from None
 
 
 if __name__ == "__main__":

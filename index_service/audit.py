@@ -18,19 +18,19 @@ first member is its earliest stored item, and every member is measured against i
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import structlog
 
 from imgsearch_common.errors import InvalidInputError
-from imgsearch_common.fingerprints import FINGERPRINT_VERSION, phash_distance
+from imgsearch_common.fingerprints import FINGERPRINT_VERSION, local_differences, phash_distance
 from index_service.duplicates import (
     MATCH_RANK,
     MatchKind,
     NearDuplicatePolicy,
     comparable,
-    measure_local_difference,
     validate_score,
 )
 from index_service.phash_index import PhashIndex
@@ -162,7 +162,9 @@ class DuplicateAudit:
     """One FindDuplicates run over the stored items up to max_row_id, which must all be in both indexes.
 
     check is called between batches and groups, and stops the audit by raising, for example when
-    the caller's deadline ran out or the caller went away.
+    the caller's deadline ran out or the caller went away. Items removed while the audit runs are
+    left out of the pairs and groups found after their removal; a group left with fewer than two
+    members is not sent.
     """
 
     def __init__(
@@ -195,9 +197,12 @@ class DuplicateAudit:
         grouped = set()
         for kind, row_ids in groups:
             self._check()
+            members = self._members(row_ids)
+            if len(members) < 2:
+                continue
             group_counts[kind] += 1
-            grouped.update(row_ids)
-            yield DuplicateGroup(kind=kind, members=self._members(row_ids))
+            grouped.update(member.item_id for member in members)
+            yield DuplicateGroup(kind=kind, members=members)
         log.info("duplicate_audit_finished", item_count=item_count, groups=len(groups), grouped=len(grouped))
         yield AuditSummary(item_count=item_count, group_counts=group_counts, grouped_item_count=len(grouped))
 
@@ -290,15 +295,19 @@ class DuplicateAudit:
     def _pair_scores(
         self, firsts: np.ndarray, seconds: np.ndarray, batch_row_ids: np.ndarray, batch_vectors: np.ndarray
     ) -> np.ndarray:
-        """Return the score of each pair whose first item is in the batch."""
+        """Return the score of each pair whose first item is in the batch, and -inf where the second was removed."""
         scores = np.empty(len(firsts), dtype=np.float32)
+        present = np.empty(len(firsts), dtype=bool)
         for start in range(0, len(firsts), _PAIR_CHUNK):
             chunk = slice(start, start + _PAIR_CHUNK)
             first_vectors = batch_vectors[np.searchsorted(batch_row_ids, firsts[chunk])]
             partners, partner_positions = np.unique(seconds[chunk], return_inverse=True)
-            second_vectors = self._vector_index.vectors(partners)[partner_positions]
-            scores[chunk] = np.einsum("ij,ij->i", first_vectors, second_vectors)
-        return np.clip(scores, -1.0, 1.0)
+            found, partner_vectors = self._vector_index.vectors_if_present(partners)
+            present[chunk] = found[partner_positions]
+            scores[chunk] = np.einsum("ij,ij->i", first_vectors, partner_vectors[partner_positions])
+        scores = np.clip(scores, -1.0, 1.0)
+        scores[~present] = -np.inf
+        return scores
 
     def _groups(self) -> list[tuple[MatchKind, list[int]]]:
         """Return (kind, sorted row ids) of every group of the requested kinds, largest first."""
@@ -313,20 +322,25 @@ class DuplicateAudit:
         return sorted(groups, key=lambda group: (-len(group[1]), MATCH_RANK[group[0]], group[1][0]))
 
     def _members(self, row_ids: list[int]) -> list[GroupMember]:
-        """Return the group's members, each measured against the first (the earliest stored)."""
-        first = self._store.items_by_row_id(row_ids[:1])[row_ids[0]]
+        """Return the group's members that are still stored, each measured against the first (the earliest stored)."""
+        first = None
         members = []
         for start in range(0, len(row_ids), _MEASURE_CHUNK):
             self._check()
             chunk = row_ids[start : start + _MEASURE_CHUNK]
             items = self._store.items_by_row_id(chunk)
-            scores = np.clip(self._vector_index.vectors(np.array(chunk)) @ first.vector, -1.0, 1.0)
+            found, vectors = self._vector_index.vectors_if_present(np.array(chunk, dtype=np.int64))
+            present = [(row_id, vector) for row_id, vector, ok in zip(chunk, vectors, found) if ok and row_id in items]
+            if first is None and present:
+                first = items[present[0][0]]
             pairs = [
-                (first.row_id, row_id) for row_id in chunk if comparable(first.fingerprint, items[row_id].fingerprint)
+                (first.row_id, row_id) for row_id, _ in present if comparable(first.fingerprint, items[row_id].fingerprint)
             ]
             difference_by_pair = dict(zip(pairs, self._local_differences.measure(pairs, self._check)))
-            for row_id, score in zip(chunk, scores.tolist()):
-                members.append(_member(items[row_id], score, first, difference_by_pair.get((first.row_id, row_id))))
+            for row_id, vector in present:
+                score = float(np.clip(vector @ first.vector, -1.0, 1.0))
+                difference = difference_by_pair.get((first.row_id, row_id))
+                members.append(_member(items[row_id], score, first, None if difference == math.inf else difference))
         return members
 
 
@@ -379,14 +393,21 @@ class _LocalDifferences:
         self._by_pair: dict[tuple[int, int], float] = {}
 
     def measure(self, pairs: list[tuple[int, int]], check: Callable[[], None]) -> list[float]:
-        """Return the local difference of each (first, second) pair; both items must have comparable fingerprints."""
+        """Return the local difference of each (first, second) pair; both items must have comparable fingerprints.
+
+        A pair with an item removed since it was found gets infinity, so that it never counts as near.
+        """
         missing = list(dict.fromkeys(pair for pair in pairs if pair not in self._by_pair))
         for start in range(0, len(missing), _MEASURE_CHUNK):
             check()
             chunk = missing[start : start + _MEASURE_CHUNK]
             fingerprints = self._store.fingerprints_by_row_id({row_id for pair in chunk for row_id in pair})
-            for first, second in chunk:
-                self._by_pair[(first, second)] = measure_local_difference(fingerprints[first], fingerprints[second])
+            self._by_pair.update(dict.fromkeys(chunk, math.inf))
+            chunk = [(first, second) for first, second in chunk if first in fingerprints and second in fingerprints]
+            differences = local_differences(
+                [fingerprints[first].layout for first, _ in chunk], [fingerprints[second].layout for _, second in chunk]
+            )
+            self._by_pair.update(zip(chunk, differences.tolist()))
         return [self._by_pair[pair] for pair in pairs]
 
 

@@ -93,7 +93,10 @@ class CandidateFinder:
         )
         keep = ~np.isin(row_ids, np.fromiter(exclude_row_ids, dtype=np.int64))
         row_ids, distances = row_ids[keep], distances[keep]
-        scores = _scores(vector, self._vector_index.vectors(row_ids))
+        # An item removed after the pHash lookup is not found here, and is dropped.
+        found, vectors = self._vector_index.vectors_if_present(row_ids)
+        row_ids, distances = row_ids[found], distances[found]
+        scores = _scores(vector, vectors[found])
         passing = scores >= policy.min_score
         row_ids, distances, scores = row_ids[passing], distances[passing], scores[passing]
 
@@ -106,7 +109,9 @@ class CandidateFinder:
             chunk = row_ids[order[start : start + _READ_CHUNK]].tolist()
             stored_by_row_id = self._store.items_by_row_id(chunk)
             for row_id in chunk:
-                item, score = stored_by_row_id[row_id], score_by_row_id[row_id]
+                item, score = stored_by_row_id.get(row_id), score_by_row_id[row_id]
+                if item is None:
+                    continue  # removed since the pHash lookup
                 match = classify(fingerprint, item.fingerprint, score, policy)
                 if match.kind in (MatchKind.EXACT, MatchKind.NEAR):
                     yield MatchedItem(item=item, score=score, match=match)

@@ -1,4 +1,9 @@
-"""The collection core: ingest, search, duplicate audits and stats over the store, the indexes and an embedder."""
+"""The collection core: ingest, search, removal, metadata updates, duplicate audits and stats.
+
+It works over the store, the faiss and pHash indexes, and an embedder. The store is the source of
+truth, and the indexes are caches that index_service.recovery restores at start and that snapshots
+persist.
+"""
 
 import dataclasses
 import enum
@@ -6,7 +11,9 @@ import hashlib
 import math
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import structlog
@@ -35,7 +42,11 @@ from index_service.duplicates import (
     measurable,
 )
 from index_service.embedder import Embedder, Embedding
+from index_service.metadata import MetadataLimits, MetadataUpdate, validate_metadata, validate_update
 from index_service.phash_index import PhashIndex
+from index_service.recovery import capture_snapshot, restore_indexes
+from index_service.snapshot import write_snapshot
+from index_service.snapshot_scheduler import SnapshotScheduler
 from index_service.store import NewItem, Store, StoredItem
 from index_service.vector_index import Hit, VectorIndex
 
@@ -48,6 +59,10 @@ _SETTING_MODEL_ID = "model_id"
 _SETTING_DIM = "dim"
 
 
+class EmbedModelMismatchError(FailedPreconditionError):
+    """The embed service runs another model than the one whose embeddings the collection contains."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CollectionLimits:
     """Limits that the collection enforces on requests."""
@@ -57,22 +72,28 @@ class CollectionLimits:
     max_image_bytes: int = 24 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     near_max_candidates: int = 200
+    metadata: MetadataLimits = MetadataLimits()
 
 
 @dataclasses.dataclass(frozen=True)
 class IngestItem:
-    """One image to add, with its optional caller-chosen item_id, uri and metadata.
+    """One image or embedding to add, with its optional caller-chosen item_id, uri and metadata.
 
-    on_duplicate sets what happens when the image duplicates a stored item or an earlier item of
-    its batch, and duplicate_match sets which matches count: EXACT, or NEAR for exact or near.
+    An item carries either image bytes or, with embedding set, a vector from the model model_id,
+    which is stored as it is (normalised) without calling the embedder. on_duplicate sets what
+    happens when the image duplicates a stored item or an earlier item of its batch, and
+    duplicate_match sets which matches count: EXACT, or NEAR for exact or near. An embedding has
+    no fingerprint, so it duplicates nothing.
     """
 
-    image: bytes
+    image: bytes = b""
     item_id: str = ""
     uri: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     on_duplicate: OnDuplicate = OnDuplicate.SKIP
     duplicate_match: MatchKind = MatchKind.EXACT
+    embedding: Sequence[float] | None = None
+    model_id: str = ""
 
 
 class IngestStatus(enum.Enum):
@@ -144,6 +165,14 @@ class Neighbour:
 
 
 @dataclasses.dataclass(frozen=True)
+class RemoveResult:
+    """What a removal did: how many items it removed, and the requested item_ids that named none."""
+
+    removed_count: int
+    not_found_item_ids: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
 class CollectionStats:
     """Counts and settings of the collection; dim is 0 and model_id empty until the first add."""
 
@@ -156,11 +185,14 @@ class CollectionStats:
 
 @dataclasses.dataclass(frozen=True)
 class _Candidate:
-    """A valid ingest item that may become a new stored item."""
+    """A valid ingest item that may become a new stored item.
+
+    An embedding item has its unit vector and model_id set, no image, and sha256 None.
+    """
 
     position: int
     item_id: str
-    sha256: str
+    sha256: str | None
     uri: str
     width: int
     height: int
@@ -168,6 +200,8 @@ class _Candidate:
     image: bytes
     on_duplicate: OnDuplicate
     duplicate_match: MatchKind
+    vector: np.ndarray | None = None
+    model_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +215,10 @@ class _QueryTarget:
 class Collection:
     """Images' embeddings in a faiss index, backed by a durable store that is the source of truth.
 
-    Call load() once before serving. Ingest and search may run from many threads.
+    Call load() once before serving. Ingest, search, removal and metadata updates may run from many
+    threads. With snapshot_path set, the indexes are loaded from that snapshot at start when it is
+    usable, and written to it by save_snapshot(), by the scheduler of start_snapshots(), and by
+    close().
     """
 
     def __init__(
@@ -191,19 +228,28 @@ class Collection:
         embedder: Embedder,
         limits: CollectionLimits,
         near_policy: NearDuplicatePolicy = NearDuplicatePolicy(),
+        snapshot_path: Path | None = None,
     ):
         self._store = store
         self._index = vector_index
         self._embedder = embedder
         self._limits = limits
         self._near_policy = near_policy
+        self._snapshot_path = snapshot_path
         self._phash_index = PhashIndex()
         self._candidates = CandidateFinder(store, vector_index, self._phash_index, limits.near_max_candidates)
-        # Serialises the re-check, store write and index add of ingests, so that concurrent
-        # streams cannot store the same bytes or item_id twice.
+        # Serialises the re-check, store write and index change of ingests and removals, so that
+        # concurrent streams cannot store the same bytes or item_id twice, and so that the indexes
+        # match the store whenever the lock is free.
         self._commit_lock = threading.Lock()
         self._model_id: str | None = None
         self._dim: int | None = None
+        # Adds and removals since the snapshot file was written; guarded by the commit lock.
+        self._changes_since_snapshot = 0
+        self._snapshot_lock = threading.Lock()
+        self._scheduler: SnapshotScheduler | None = None
+        self._snapshot_after_changes = 0
+        self._loaded = False
 
     @property
     def model_id(self) -> str:
@@ -211,47 +257,116 @@ class Collection:
         return self._model_id or ""
 
     def load(self) -> int:
-        """Rebuild the faiss and pHash indexes from the store and return the item count."""
+        """Restore the faiss and pHash indexes from the snapshot and the store, and return the item count."""
         settings = self._store.settings()
         self._model_id = settings.get(_SETTING_MODEL_ID)
         self._dim = int(settings[_SETTING_DIM]) if _SETTING_DIM in settings else None
 
-        item_count = 0
-        for row_ids, vectors in self._store.vector_batches():
-            self._index.add(row_ids, vectors)
-            item_count += len(row_ids)
-        for row_ids, phashes, versions in self._store.phash_batches():
-            self._phash_index.add(row_ids, phashes, versions)
+        report = restore_indexes(self._store, self._index, self._phash_index, self._snapshot_path)
+        with self._commit_lock:
+            self._changes_since_snapshot = report.changes
+            self._loaded = True
         log.info(
             "index_loaded",
-            item_count=item_count,
+            source=report.source,
+            item_count=report.item_count,
             fingerprinted_count=len(self._phash_index),
             model_id=self._model_id,
             dim=self._dim,
         )
-        return item_count
+        return report.item_count
 
     def check_embedder(self, timeout_s: float) -> None:
-        """Log the embedder's model, or a warning when it is unreachable or differs from the collection's."""
+        """Check that the embedder runs the collection's model; log it, or a warning when it is unreachable.
+
+        Raises EmbedModelMismatchError when the embedder answers with another model or dim than the
+        collection contains. An unreachable embedder is only logged, so that the service can start
+        and reject images per item until the embedder is back.
+        """
         try:
             info = self._embedder.model_info(timeout_s)
         except ImgsearchError as error:
             log.warning("embed_service_unreachable", error=str(error))
             return
         if self._model_id is not None and (info.model_id, info.dim) != (self._model_id, self._dim):
-            log.warning(
+            log.error(
                 "embed_model_mismatched",
                 collection_model_id=self._model_id,
                 collection_dim=self._dim,
                 embed_model_id=info.model_id,
                 embed_dim=info.dim,
             )
-            return
+            raise EmbedModelMismatchError(
+                f"the data directory holds embeddings of model {self._model_id!r} (dim {self._dim}), but the embed "
+                f"service runs model {info.model_id!r} (dim {info.dim}); run the embed service with model "
+                f"{self._model_id!r}, or give the index service another data directory"
+            )
         log.info("embed_service_checked", model_id=info.model_id, dim=info.dim, backend=info.backend)
 
+    def start_snapshots(self, interval_s: float, after_changes: int) -> None:
+        """Save a snapshot every interval_s seconds and after every after_changes adds and removals, in the background.
+
+        0 turns either trigger off. A snapshot is written only when something changed since the last one.
+        """
+        if self._snapshot_path is None or (interval_s <= 0 and after_changes <= 0):
+            return
+        self._snapshot_after_changes = after_changes
+        self._scheduler = SnapshotScheduler(self.save_snapshot, interval_s)
+        self._scheduler.start()
+        with self._commit_lock:
+            due = 0 < after_changes <= self._changes_since_snapshot
+        if due:
+            self._scheduler.wake()
+
+    def save_snapshot(self) -> bool:
+        """Write the indexes to the snapshot file when anything changed since it was written; return whether it was.
+
+        Adds and removals wait while the indexes are copied, but not while the copy is written.
+        """
+        if self._snapshot_path is None:
+            return False
+        with self._snapshot_lock:
+            started = time.perf_counter()
+            with self._commit_lock:
+                if not self._loaded or self._changes_since_snapshot == 0:
+                    return False
+                changes = self._changes_since_snapshot
+                snapshot = capture_snapshot(
+                    self._store, self._index, self._phash_index, self._model_id or "", self._dim or 0
+                )
+            captured = time.perf_counter()
+            size = write_snapshot(self._snapshot_path, snapshot)
+            with self._commit_lock:
+                self._changes_since_snapshot -= changes
+        log.info(
+            "snapshot_saved",
+            path=str(self._snapshot_path),
+            item_count=snapshot.header.item_count,
+            last_row_id=snapshot.header.last_row_id,
+            last_removal_id=snapshot.header.last_removal_id,
+            bytes=size,
+            capture_seconds=round(captured - started, 3),
+            write_seconds=round(time.perf_counter() - captured, 3),
+        )
+        return True
+
     def close(self) -> None:
+        """Stop the snapshot scheduler, save a last snapshot when anything changed, and close the embedder and store."""
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        try:
+            self.save_snapshot()
+        except Exception:  # noqa: BLE001 - the store must still close; the next start rebuilds from it
+            log.exception("snapshot_failed", path=str(self._snapshot_path))
         self._embedder.close()
         self._store.close()
+
+    def _record_changes(self, count: int) -> None:
+        """Count adds or removals towards the next snapshot; the caller holds the commit lock."""
+        self._changes_since_snapshot += count
+        after = self._snapshot_after_changes
+        if self._scheduler is not None and 0 < after <= self._changes_since_snapshot:
+            self._scheduler.wake()
 
     def stats(self) -> CollectionStats:
         return CollectionStats(
@@ -265,14 +380,16 @@ class Collection:
     # Ingest
 
     def ingest(self, items: Sequence[IngestItem], timeout_s: float) -> list[IngestResult]:
-        """Add a batch of images and return one result per item, in order.
+        """Add a batch of images and embeddings and return one result per item, in order.
 
         Items are stored in one durable transaction before they are added to the index and before
         this returns. Bytes that are already stored, or appear earlier in the batch, come back as
         ALREADY_PRESENT with the stored item_id and are not embedded again. An image that
         duplicates a stored item or an earlier item of the batch, by its fingerprint, is added,
         skipped or rejected as its on_duplicate sets. CandidateFinder.duplicate_of chooses the item
-        that it duplicates.
+        that it duplicates. An embedding is matched by item_id only: the same item_id with the same
+        vector is ALREADY_PRESENT, with another vector ALREADY_EXISTS. The item_id of a removed item
+        fails with FailedPreconditionError, because item_ids are never reused.
         """
         results: list[IngestResult | None] = [None] * len(items)
         candidates = []
@@ -284,8 +401,9 @@ class Collection:
 
         candidates = self._drop_stored(candidates, results)
         candidates, leader_by_follower = _drop_batch_duplicates(candidates, results)
-        embedded = self._embed(candidates, timeout_s, results)
-        self._commit(embedded, results)
+        embedded = self._embed([c for c in candidates if c.vector is None], timeout_s, results)
+        given = [(c, Embedding(vector=c.vector, model_id=c.model_id)) for c in candidates if c.vector is not None]
+        self._commit(sorted(embedded + given, key=lambda pair: pair[0].position), results)
         for follower, leader in leader_by_follower.items():
             results[follower] = _follow(results[leader])
         return results
@@ -295,6 +413,9 @@ class Collection:
             raise InvalidInputError(f"duplicate_match must be EXACT or NEAR, got {item.duplicate_match.name}")
         if item.item_id:
             _validate_item_id(item.item_id)
+        validate_metadata(item.metadata, self._limits.metadata)
+        if item.embedding is not None:
+            return self._prepare_embedding(position, item)
         _check_image_bytes(item.image, self._limits.max_image_bytes)
         info = describe_image(item.image, self._limits.max_image_pixels)
         return _Candidate(
@@ -310,17 +431,51 @@ class Collection:
             duplicate_match=item.duplicate_match,
         )
 
+    def _prepare_embedding(self, position: int, item: IngestItem) -> _Candidate:
+        if item.image:
+            raise InvalidInputError("the item has both image bytes and an embedding; send one of them")
+        if not item.model_id:
+            raise InvalidInputError("the embedding's model_id is empty; name the model that produced the vector")
+        vector = _unit_vector(item.embedding)
+        self._check_model_of_vector(len(vector), item.model_id)
+        return _Candidate(
+            position=position,
+            item_id=item.item_id or _new_item_id(),
+            sha256=None,
+            uri=item.uri,
+            width=0,
+            height=0,
+            metadata=dict(item.metadata),
+            image=b"",
+            on_duplicate=item.on_duplicate,
+            duplicate_match=item.duplicate_match,
+            vector=vector,
+            model_id=item.model_id,
+        )
+
+    def _check_model_of_vector(self, dim: int, model_id: str) -> None:
+        """Raise InvalidInputError naming both sides when a given vector's dim or model differs from the collection's."""
+        if self._dim is not None and dim != self._dim:
+            raise InvalidInputError(f"embedding has dim {dim}, but the collection contains dim {self._dim}")
+        if model_id and self._model_id is not None and model_id != self._model_id:
+            raise InvalidInputError(
+                f"embedding is from model {model_id!r}, but the collection contains model {self._model_id!r}"
+            )
+
     def _drop_stored(self, candidates: list[_Candidate], results: list) -> list[_Candidate]:
-        """Set the results of candidates whose bytes or item_id are stored; return the others."""
-        stored_by_sha256 = self._store.items_by_sha256(c.sha256 for c in candidates)
+        """Set the results of candidates whose bytes or item_id are stored or were removed; return the others."""
+        removed_item_ids = self._store.removed_item_ids(c.item_id for c in candidates)
+        stored_by_sha256 = self._store.items_by_sha256(c.sha256 for c in candidates if c.sha256 is not None)
         stored_by_item_id = self._store.items_by_item_id(c.item_id for c in candidates)
         remaining = []
         for candidate in candidates:
-            if candidate.sha256 in stored_by_sha256:
+            if candidate.item_id in removed_item_ids:
+                results[candidate.position] = _failed(_item_id_removed(candidate.item_id))
+            elif candidate.sha256 in stored_by_sha256:
                 stored = stored_by_sha256[candidate.sha256]
                 results[candidate.position] = IngestResult(IngestStatus.ALREADY_PRESENT, stored.item_id)
             elif candidate.item_id in stored_by_item_id:
-                results[candidate.position] = _failed(_item_id_taken(candidate.item_id))
+                results[candidate.position] = _stored_item_id_result(candidate, stored_by_item_id[candidate.item_id])
             else:
                 remaining.append(candidate)
         return remaining
@@ -372,6 +527,7 @@ class Collection:
             # only after a restart rebuilds the indexes, and a retry reports them ALREADY_PRESENT.
             self._index.add(np.array(row_ids, dtype=np.int64), np.stack([e.vector for _, e in embedded]))
             self._add_phashes(row_ids, [e.fingerprint for _, e in embedded])
+            self._record_changes(len(row_ids))
 
         for candidate, _ in embedded:
             duplicate = duplicate_by_position.get(candidate.position)
@@ -432,11 +588,58 @@ class Collection:
 
         kept = []
         for candidate, embedding in embedded:
-            if (embedding.model_id, embedding.vector.shape[0]) != (model_id, dim):
-                results[candidate.position] = _failed(_model_mismatch(model_id, dim, embedding))
-            else:
+            if (embedding.model_id, embedding.vector.shape[0]) == (model_id, dim):
                 kept.append((candidate, embedding))
+            elif candidate.vector is not None:
+                # The caller sent this vector, so the mismatch is the caller's input, not the embed service's state.
+                results[candidate.position] = _failed(_given_vector_mismatch(model_id, dim, embedding))
+            else:
+                results[candidate.position] = _failed(_model_mismatch(model_id, dim, embedding))
         return kept, settings
+
+    # Removal and metadata
+
+    def remove_items(self, item_ids: Sequence[str]) -> RemoveResult:
+        """Remove the items of item_ids from the store, durably, and then from both indexes.
+
+        item_ids that name no stored item, removed ones included, are reported in the result, so a
+        repeated call is harmless. Raises InvalidInputError when item_ids is empty or has an empty
+        item_id.
+        """
+        if not item_ids:
+            raise InvalidInputError("item_ids is empty; give at least one item_id to remove")
+        for position, item_id in enumerate(item_ids):
+            if not item_id:
+                raise InvalidInputError(f"item_ids[{position}] is empty; give the item_id of a stored item")
+
+        with self._commit_lock:
+            row_id_by_item_id = self._store.remove_items(item_ids)
+            row_ids = np.array(list(row_id_by_item_id.values()), dtype=np.int64)
+            self._index.remove(row_ids)
+            self._phash_index.remove(row_ids)
+            if self._index.needs_rebuild:
+                self._index.rebuild(self._store.vector_batches())
+            self._record_changes(len(row_ids))
+        not_found = [item_id for item_id in dict.fromkeys(item_ids) if item_id not in row_id_by_item_id]
+        log.info("items_removed", removed=len(row_id_by_item_id), not_found=len(not_found))
+        return RemoveResult(removed_count=len(row_id_by_item_id), not_found_item_ids=not_found)
+
+    def update_metadata(self, item_id: str, update: MetadataUpdate) -> dict[str, str]:
+        """Change the metadata of one stored item durably and return its new metadata.
+
+        Raises InvalidInputError for an empty item_id or contradicting fields, TooLargeError when a
+        key, a value or the number of keys is above its limit, and NotFoundError for an item_id
+        that names no stored item.
+        """
+        if not item_id:
+            raise InvalidInputError("item_id is empty; give the item_id of a stored item")
+        validate_update(update, self._limits.metadata)
+        metadata = self._store.update_metadata(item_id, lambda current: update.apply(current, self._limits.metadata))
+        if metadata is None:
+            if self._store.removed_item_ids([item_id]):
+                raise NotFoundError(f"item_id {item_id!r} belonged to an item that was removed")
+            raise NotFoundError(f"item_id {item_id!r} not found in the collection")
+        return metadata
 
     # Duplicate audit
 
@@ -524,22 +727,10 @@ class Collection:
         return stored
 
     def _checked_query_vector(self, query: VectorQuery) -> np.ndarray | None:
-        values = np.asarray(query.values, dtype=np.float64)
-        if values.ndim != 1 or values.size == 0:
-            raise InvalidInputError("embedding has no values; send a vector with one value per dim")
-        if not np.all(np.isfinite(values)):
-            raise InvalidInputError("embedding contains NaN or infinite values")
-        vector = _normalised(values)
-        if vector is None:
-            raise InvalidInputError("embedding is all zeros, so it has no direction to search along")
+        vector = _unit_vector(query.values)
         if self._dim is None:
             return None
-        if values.size != self._dim:
-            raise InvalidInputError(f"embedding has dim {values.size}, but the collection contains dim {self._dim}")
-        if query.model_id and query.model_id != self._model_id:
-            raise InvalidInputError(
-                f"embedding is from model {query.model_id!r}, but the collection contains model {self._model_id!r}"
-            )
+        self._check_model_of_vector(len(vector), query.model_id)
         return vector
 
     def _embedded_query(self, image: bytes, timeout_s: float) -> _QueryTarget | None:
@@ -593,24 +784,43 @@ def _drop_batch_duplicates(
 ) -> tuple[list[_Candidate], dict[int, int]]:
     """Keep the first candidate of each sha256 and item_id in the batch.
 
-    Returns the kept candidates and, for each later candidate with the same bytes, the position of
-    the first one, whose result it will follow. A later candidate that reuses an item_id with other
-    bytes fails with AlreadyExistsError.
+    Returns the kept candidates and, for each later candidate with the same bytes, or with the same
+    item_id and vector as an earlier embedding, the position of the first one, whose result it will
+    follow. A later candidate that reuses an item_id with other content fails with AlreadyExistsError.
     """
     leader_by_sha256: dict[str, int] = {}
-    claimed_item_ids = set()
+    leader_by_item_id: dict[str, _Candidate] = {}
     kept = []
     leader_by_follower = {}
     for candidate in candidates:
-        if candidate.sha256 in leader_by_sha256:
+        leader = leader_by_item_id.get(candidate.item_id)
+        if candidate.sha256 is not None and candidate.sha256 in leader_by_sha256:
             leader_by_follower[candidate.position] = leader_by_sha256[candidate.sha256]
-        elif candidate.item_id in claimed_item_ids:
+        elif leader is not None and _same_vector(leader, candidate.vector, candidate.model_id):
+            leader_by_follower[candidate.position] = leader.position
+        elif leader is not None:
             results[candidate.position] = _failed(_item_id_taken(candidate.item_id))
         else:
-            leader_by_sha256[candidate.sha256] = candidate.position
-            claimed_item_ids.add(candidate.item_id)
+            if candidate.sha256 is not None:
+                leader_by_sha256[candidate.sha256] = candidate.position
+            leader_by_item_id[candidate.item_id] = candidate
             kept.append(candidate)
     return kept, leader_by_follower
+
+
+def _same_vector(item: _Candidate | StoredItem, vector: np.ndarray | None, model_id: str) -> bool:
+    """Return whether an embedding item, given or stored, has exactly this unit vector of model_id."""
+    if vector is None or item.model_id != model_id:
+        return False
+    other = item.vector
+    return other is not None and other.shape == vector.shape and bool(np.array_equal(other, vector))
+
+
+def _stored_item_id_result(candidate: _Candidate, stored: StoredItem) -> IngestResult:
+    """Return the result of a candidate whose item_id is stored with other bytes, or with the candidate's vector."""
+    if _same_vector(stored, candidate.vector, candidate.model_id):
+        return IngestResult(IngestStatus.ALREADY_PRESENT, stored.item_id)
+    return _failed(_item_id_taken(candidate.item_id))
 
 
 def _follow(leader: IngestResult) -> IngestResult:
@@ -690,13 +900,39 @@ def _normalised(vector: np.ndarray) -> np.ndarray | None:
     return (values / norm).astype(np.float32)
 
 
+def _unit_vector(values: Sequence[float]) -> np.ndarray:
+    """Return a given embedding as a float32 unit vector; raises InvalidInputError naming what is wrong with it."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise InvalidInputError("embedding has no values; send a vector with one value per dim")
+    if not np.all(np.isfinite(array)):
+        raise InvalidInputError("embedding contains NaN or infinite values")
+    vector = _normalised(array)
+    if vector is None:
+        raise InvalidInputError("embedding is all zeros, so it has no direction")
+    return vector
+
+
 def _failed(error: ImgsearchError) -> IngestResult:
     return IngestResult(IngestStatus.FAILED, error=error)
 
 
 def _item_id_taken(item_id: str) -> AlreadyExistsError:
     return AlreadyExistsError(
-        f"item_id {item_id!r} is already used by an item with other image bytes; choose another item_id"
+        f"item_id {item_id!r} is already used by an item with other content; choose another item_id"
+    )
+
+
+def _item_id_removed(item_id: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"item_id {item_id!r} belonged to a removed item, and item_ids are never reused; choose another item_id"
+    )
+
+
+def _given_vector_mismatch(model_id: str | None, dim: int | None, embedding: Embedding) -> InvalidInputError:
+    return InvalidInputError(
+        f"embedding is from model {embedding.model_id!r} with dim {embedding.vector.shape[0]}, but the collection "
+        f"contains model {model_id!r} with dim {dim}"
     )
 
 

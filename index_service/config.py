@@ -5,8 +5,12 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
+
 from imgsearch_common.config import ConfigError, EnvReader
+from imgsearch_common.security import channel_credentials, optional_path, server_credentials, token_from_env
 from index_service.duplicates import MAX_PHASH_DISTANCE
+from index_service.vector_index import REMOVAL_MODES
 
 ENV_PREFIX = "IMGSEARCH_INDEX_"
 DEVICES = ("auto", "cpu", "gpu")
@@ -39,6 +43,36 @@ class IndexConfig:
     near_min_score: float = 0.70
     # The maximum number of pHash candidates whose local difference one query measures (about 3.5 ms each).
     near_max_candidates: int = 200
+    # PEM certificate chain and private key of the server. TLS is on when both are set.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM bundle of the CAs that sign client certificates. When set, every client must present one (mutual TLS).
+    tls_client_ca: Path | None = None
+    # Bearer token that every RPC except health checks must send. Empty: no token check. Kept out of repr.
+    auth_token: str = dataclasses.field(default="", repr=False)
+    # PEM CA bundle that verifies the embed service's certificate. Any of the three EMBED_TLS files turns on
+    # TLS to the embed service; without this one, gRPC's default roots verify it.
+    embed_tls_ca: Path | None = None
+    # PEM client certificate and private key that the index service presents to the embed service (mutual TLS).
+    embed_tls_cert: Path | None = None
+    embed_tls_key: Path | None = None
+    # Bearer token sent to the embed service on every call. Empty: none is sent. Kept out of repr.
+    embed_token: str = dataclasses.field(default="", repr=False)
+    # Seconds between snapshots of the indexes, written only when something changed; 0 turns them off.
+    snapshot_interval_s: float = 300.0
+    # Adds and removals after which a snapshot is written without waiting for the interval; 0 turns it off.
+    snapshot_after_changes: int = 100_000
+    # How the faiss index drops removed vectors: "remove_ids" at once (CPU only), "mask" (hidden, then
+    # rebuilt from the store), or "auto": remove_ids on the CPU, mask on a GPU.
+    removal: str = "auto"
+    # Removed items that a masking index may hide before it is rebuilt from the store. On a GPU, MAX_K
+    # plus this must stay at or below 2048, the largest k that faiss's GPU search takes.
+    max_masked_removals: int = 1024
+    # Limits on item metadata, at ingest and in UpdateMetadata: the number of keys, and the UTF-8
+    # bytes of one key and of one value.
+    max_metadata_keys: int = 64
+    max_metadata_key_bytes: int = 256
+    max_metadata_value_bytes: int = 4096
 
 
 def from_env(environ: Mapping[str, str]) -> IndexConfig:
@@ -70,9 +104,36 @@ def from_env(environ: Mapping[str, str]) -> IndexConfig:
         ),
         near_min_score=env.float("NEAR_MIN_SCORE", default.near_min_score, minimum=-1.0),
         near_max_candidates=env.int("NEAR_MAX_CANDIDATES", default.near_max_candidates, minimum=1),
+        tls_cert=optional_path(env, "TLS_CERT"),
+        tls_key=optional_path(env, "TLS_KEY"),
+        tls_client_ca=optional_path(env, "TLS_CLIENT_CA"),
+        auth_token=token_from_env(env, ENV_PREFIX, "AUTH_TOKEN"),
+        embed_tls_ca=optional_path(env, "EMBED_TLS_CA"),
+        embed_tls_cert=optional_path(env, "EMBED_TLS_CERT"),
+        embed_tls_key=optional_path(env, "EMBED_TLS_KEY"),
+        embed_token=token_from_env(env, ENV_PREFIX, "EMBED_TOKEN"),
+        snapshot_interval_s=env.float("SNAPSHOT_INTERVAL_S", default.snapshot_interval_s, minimum=0.0),
+        snapshot_after_changes=env.int("SNAPSHOT_AFTER_CHANGES", default.snapshot_after_changes, minimum=0),
+        removal=env.choice("REMOVAL", default.removal, REMOVAL_MODES),
+        max_masked_removals=env.int("MAX_MASKED_REMOVALS", default.max_masked_removals, minimum=0),
+        max_metadata_keys=env.int("MAX_METADATA_KEYS", default.max_metadata_keys, minimum=1),
+        max_metadata_key_bytes=env.int("MAX_METADATA_KEY_BYTES", default.max_metadata_key_bytes, minimum=1),
+        max_metadata_value_bytes=env.int("MAX_METADATA_VALUE_BYTES", default.max_metadata_value_bytes, minimum=0),
     )
     _check_consistency(config)
+    # Reads the TLS files now, so that a missing or malformed one fails here with its setting's name.
+    server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)
+    embed_channel_credentials(config)
     return config
+
+
+def embed_channel_credentials(config: IndexConfig) -> grpc.ChannelCredentials | None:
+    """Build the TLS credentials of the channel to the embed service, or None for plaintext.
+
+    Raises ConfigError naming the IMGSEARCH_INDEX_EMBED_TLS_* setting of a file that cannot be used.
+    """
+    names = tuple(f"{ENV_PREFIX}EMBED_TLS_{name}" for name in ("CA", "CERT", "KEY"))
+    return channel_credentials(config.embed_tls_ca, config.embed_tls_cert, config.embed_tls_key, names)
 
 
 def _check_consistency(config: IndexConfig) -> None:

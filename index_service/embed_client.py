@@ -11,6 +11,7 @@ from imgsearch.common.v1 import common_pb2
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import errors
 from imgsearch_common.fingerprints import FINGERPRINT_VERSION, LAYOUT_BYTES, Fingerprint
+from imgsearch_common.security import open_channel
 from imgsearch_common.serving import message_size_options
 from index_service.embedder import Embedding, ModelInfo
 
@@ -33,9 +34,16 @@ _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 class EmbedClient:
     """Embeds images with the embed service at address; safe to share between threads."""
 
-    def __init__(self, address: str, max_message_bytes: int):
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str = "",
+    ):
+        """Open the channel: TLS when credentials are given, and token as a bearer token on every call when set."""
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=message_size_options(max_message_bytes))
+        self._channel = open_channel(address, message_size_options(max_message_bytes), credentials, token)
         self._stub = embed_service_pb2_grpc.EmbedServiceStub(self._channel)
 
     def close(self) -> None:

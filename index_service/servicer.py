@@ -23,6 +23,7 @@ from index_service.collection import (
     VectorQuery,
 )
 from index_service.duplicates import MatchKind, OnDuplicate, PolicyOverrides
+from index_service.metadata import MetadataUpdate
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +123,21 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             index_device=stats.index_device,
         )
 
+    @abort_on_error
+    def RemoveItems(self, request, context):
+        result = self._collection.remove_items(list(request.item_ids))
+        return index_service_pb2.RemoveItemsResponse(
+            removed_count=result.removed_count, not_found_item_ids=result.not_found_item_ids
+        )
+
+    @abort_on_error
+    def UpdateMetadata(self, request, context):
+        update = MetadataUpdate(
+            set_values=dict(request.set), remove_keys=list(request.remove_keys), replace=request.replace
+        )
+        metadata = self._collection.update_metadata(request.item_id, update)
+        return index_service_pb2.UpdateMetadataResponse(metadata=metadata)
+
     @abort_on_stream_error
     def FindDuplicates(self, request, context):
         events = self._collection.find_duplicates(
@@ -155,6 +171,7 @@ def _ingest_item_of(request: index_service_pb2.IngestImagesRequest) -> IngestIte
     if request.on_duplicate not in _ON_DUPLICATES:
         raise InvalidInputError(f"on_duplicate {request.on_duplicate} is not a known OnDuplicate value")
     duplicate_match = _match_kind_of("duplicate_match", request.duplicate_match)
+    given = request.embedding if request.WhichOneof("content") == "embedding" else None
     return IngestItem(
         image=request.image,
         item_id=request.item_id,
@@ -162,6 +179,8 @@ def _ingest_item_of(request: index_service_pb2.IngestImagesRequest) -> IngestIte
         metadata=dict(request.metadata),
         on_duplicate=_ON_DUPLICATES[request.on_duplicate],
         duplicate_match=MatchKind.EXACT if duplicate_match is MatchKind.UNSPECIFIED else duplicate_match,
+        embedding=None if given is None else list(given.values),
+        model_id="" if given is None else given.model_id,
     )
 
 

@@ -2,12 +2,20 @@
 
 Fsync policy: every write is one transaction, and with WAL and synchronous=FULL SQLite fsyncs the
 write-ahead log before the commit returns, so an item that add_items has returned survives a crash
-or power loss. The store is the source of truth; the faiss index is rebuilt from it at start.
-One process at a time may open the file, because the store holds an exclusive lock on it.
+or power loss, and so do removals and metadata changes. The store is the source of truth; the faiss
+and pHash indexes are caches of it (see index_service.recovery). One process at a time may open the
+file, because the store holds an exclusive lock on it.
 
 Each item may carry the fingerprint that the embed service sent with its embedding. Files written
 before fingerprints existed get the fingerprint columns when they are opened, with NULL for their
-items, which then never count as exact or near duplicates.
+items, which then never count as exact or near duplicates. An item added as an embedding has no
+image, so its sha256 and fingerprint are NULL and its width and height 0.
+
+Removing an item deletes its row and writes a tombstone with its item_id and row_id into
+removed_items, in one transaction. A trigger rejects any later insert of a tombstoned item_id, so
+item_ids are never reused, and AUTOINCREMENT never hands out a row_id twice. The tombstones'
+removal_id increases with each removal, so that an index snapshot can name the last removal it
+contains.
 """
 
 import dataclasses
@@ -15,7 +23,7 @@ import datetime
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +39,12 @@ FILE_NAME = "items.sqlite3"
 # SQLite allows at least 999 bound parameters per statement in every version.
 _MAX_PARAMETERS = 500
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
+# The items table; {name} lets the migration build a copy under another name.
+_ITEMS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     row_id INTEGER PRIMARY KEY AUTOINCREMENT,
     item_id TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL UNIQUE,
+    sha256 TEXT UNIQUE,
     uri TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
@@ -47,11 +56,30 @@ CREATE TABLE IF NOT EXISTS items (
     pixel_sha256 TEXT,
     phash INTEGER,
     layout BLOB
-);
+)
+"""
+_SCHEMA = (
+    _ITEMS_TABLE.format(name="items")
+    + """;
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS removed_items (
+    removal_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL UNIQUE,
+    row_id INTEGER NOT NULL,
+    removed_at TEXT NOT NULL
+);
+"""
+)
+# Created after the migration, because rebuilding the items table drops its trigger.
+_RESERVED_ITEM_ID_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS items_reject_removed_item_id BEFORE INSERT ON items
+WHEN EXISTS (SELECT 1 FROM removed_items WHERE item_id = NEW.item_id)
+BEGIN
+    SELECT RAISE(ABORT, 'item_id belonged to a removed item');
+END
 """
 
 # The columns that fingerprints added to the items table, with their types, for migrating older files.
@@ -68,16 +96,19 @@ _ITEM_COLUMNS = (
     "row_id, item_id, sha256, uri, width, height, metadata, vector, model_id, created_at, "
     "fingerprint_version, pixel_sha256, phash, layout"
 )
+# The sequence names of the two AUTOINCREMENT tables in sqlite_sequence.
+_ITEMS_SEQUENCE = "items"
+_REMOVALS_SEQUENCE = "removed_items"
 _PHASH_OFFSET = 2**64
 _MAX_SIGNED_64 = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class NewItem:
-    """An item to store; the store assigns its row_id."""
+    """An item to store; the store assigns its row_id. sha256 is None for an item added as an embedding."""
 
     item_id: str
-    sha256: str
+    sha256: str | None
     uri: str
     width: int
     height: int
@@ -91,8 +122,8 @@ class NewItem:
 class StoredItem:
     """An item read back from the store. row_id is also its id in the faiss index.
 
-    fingerprint is None for items whose embed service sent none, and for items stored before
-    fingerprints existed.
+    fingerprint is None for items whose embed service sent none, for items stored before
+    fingerprints existed, and for items added as embeddings, whose sha256 is empty.
     """
 
     row_id: int
@@ -149,20 +180,55 @@ class Store:
         self._connection.execute("COMMIT")
 
     def _migrate(self) -> None:
-        """Add the fingerprint columns and their index to a file written before they existed."""
-        present = {row[1] for row in self._connection.execute("PRAGMA table_info(items)")}
-        missing = [(name, kind) for name, kind in _FINGERPRINT_COLUMNS if name not in present]
+        """Bring a file written by an older version up to the current schema, in one transaction.
+
+        Adds the fingerprint columns, lets sha256 be NULL for items added as embeddings, and
+        creates the index and trigger that the current schema has.
+        """
+        columns = {row[1]: row for row in self._connection.execute("PRAGMA table_info(items)")}
+        missing = [(name, kind) for name, kind in _FINGERPRINT_COLUMNS if name not in columns]
+        # PRAGMA table_info rows are (cid, name, type, notnull, default, pk).
+        sha256_required = bool(columns["sha256"][3])
         self._connection.execute("BEGIN IMMEDIATE")
         try:
             for name, kind in missing:
                 self._connection.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
+            if sha256_required:
+                self._rebuild_items_table()
             self._connection.execute(_PIXEL_SHA256_INDEX)
+            self._connection.execute(_RESERVED_ITEM_ID_TRIGGER)
             self._connection.execute("COMMIT")
         except BaseException:
             self._connection.execute("ROLLBACK")
             raise
-        if missing:
-            log.info("store_migrated", path=str(self.path), added_columns=[name for name, _ in missing])
+        if missing or sha256_required:
+            log.info(
+                "store_migrated",
+                path=str(self.path),
+                added_columns=[name for name, _ in missing],
+                sha256_made_optional=sha256_required,
+            )
+
+    def _rebuild_items_table(self) -> None:
+        """Copy the items into a table of the current schema, keeping the AUTOINCREMENT high-water mark.
+
+        SQLite cannot drop a NOT NULL constraint in place. Dropping the old table also drops its
+        sqlite_sequence row, and without restoring it the row_ids of items removed last would be
+        handed out again.
+        """
+        last_row_id = self._sequence(_ITEMS_SEQUENCE)
+        self._connection.execute(_ITEMS_TABLE.format(name="items_migrated"))
+        self._connection.execute(f"INSERT INTO items_migrated ({_ITEM_COLUMNS}) SELECT {_ITEM_COLUMNS} FROM items")
+        self._connection.execute("DROP TABLE items")
+        self._connection.execute("ALTER TABLE items_migrated RENAME TO items")
+        self._connection.execute("DELETE FROM sqlite_sequence WHERE name = ?", (_ITEMS_SEQUENCE,))
+        self._connection.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (_ITEMS_SEQUENCE, last_row_id)
+        )
+
+    def _sequence(self, name: str) -> int:
+        row = self._connection.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (name,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def close(self) -> None:
         with self._lock:
@@ -172,9 +238,10 @@ class Store:
     def add_items(self, items: Sequence[NewItem], settings: Mapping[str, str] | None = None) -> list[int]:
         """Insert items and upsert settings in one durable transaction; return the new row ids.
 
-        Raises sqlite3.IntegrityError, and stores nothing, when an item_id or sha256 is taken.
+        Raises sqlite3.IntegrityError, and stores nothing, when an item_id or sha256 is taken or an
+        item_id belonged to a removed item.
         """
-        created_at = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        created_at = _now()
         with self._lock:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
@@ -214,6 +281,102 @@ class Store:
             ),
         )
         return int(cursor.lastrowid)
+
+    def remove_items(self, item_ids: Iterable[str]) -> dict[str, int]:
+        """Remove the stored items of item_ids in one durable transaction, leaving a tombstone for each.
+
+        Returns the row_id of each item removed, keyed by item_id. item_ids that name no stored
+        item, removed ones included, are skipped.
+        """
+        requested = list(dict.fromkeys(item_ids))
+        removed_at = _now()
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                row_id_by_item_id = dict(self._rows_in("SELECT item_id, row_id FROM items", "item_id", requested))
+                self._connection.executemany(
+                    "INSERT INTO removed_items (item_id, row_id, removed_at) VALUES (?, ?, ?)",
+                    [(item_id, row_id, removed_at) for item_id, row_id in row_id_by_item_id.items()],
+                )
+                self._connection.executemany(
+                    "DELETE FROM items WHERE row_id = ?", [(row_id,) for row_id in row_id_by_item_id.values()]
+                )
+                self._connection.execute("COMMIT")
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+        return row_id_by_item_id
+
+    def update_metadata(
+        self, item_id: str, change: Callable[[dict[str, str]], dict[str, str]]
+    ) -> dict[str, str] | None:
+        """Replace an item's metadata with change(metadata) in one durable transaction, and return it.
+
+        Returns None, changing nothing, when item_id names no stored item. An exception raised by
+        change rolls the transaction back and propagates.
+        """
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._connection.execute("SELECT metadata FROM items WHERE item_id = ?", (item_id,)).fetchone()
+                if row is None:
+                    self._connection.execute("ROLLBACK")
+                    return None
+                metadata = change(json.loads(row[0]))
+                self._connection.execute(
+                    "UPDATE items SET metadata = ? WHERE item_id = ?", (json.dumps(metadata, sort_keys=True), item_id)
+                )
+                self._connection.execute("COMMIT")
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+        return metadata
+
+    def removed_item_ids(self, item_ids: Iterable[str]) -> set[str]:
+        """Return the item_ids among item_ids that belonged to removed items."""
+        with self._lock:
+            rows = self._rows_in("SELECT item_id FROM removed_items", "item_id", list(item_ids))
+        return {row[0] for row in rows}
+
+    def removed_row_ids(self, after_removal_id: int) -> np.ndarray:
+        """Return the row_ids, as int64, of the items removed after the removal numbered after_removal_id."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT row_id FROM removed_items WHERE removal_id > ? ORDER BY removal_id", (after_removal_id,)
+            ).fetchall()
+        return np.array([row[0] for row in rows], dtype=np.int64)
+
+    def last_row_id(self) -> int:
+        """Return the largest row_id ever assigned, removed items included, or 0 before the first add."""
+        with self._lock:
+            return self._sequence(_ITEMS_SEQUENCE)
+
+    def last_removal_id(self) -> int:
+        """Return the number of the latest removal, or 0 before the first one."""
+        with self._lock:
+            return self._sequence(_REMOVALS_SEQUENCE)
+
+    def row_ids(self) -> np.ndarray:
+        """Return the row_ids of every stored item as a sorted int64 array."""
+        return self._row_id_array("SELECT row_id FROM items ORDER BY row_id")
+
+    def fingerprinted_row_ids(self) -> np.ndarray:
+        """Return the row_ids of every stored item that has a pHash, as a sorted int64 array."""
+        return self._row_id_array("SELECT row_id FROM items WHERE phash IS NOT NULL ORDER BY row_id")
+
+    def _row_id_array(self, query: str) -> np.ndarray:
+        with self._lock:
+            rows = self._connection.execute(query).fetchall()
+        return np.array([row[0] for row in rows], dtype=np.int64)
+
+    def _rows_in(self, select: str, column: str, values: list) -> list[tuple]:
+        """Run `select WHERE column IN (...)` over values in chunks; the caller holds the lock."""
+        found = []
+        for start in range(0, len(values), _MAX_PARAMETERS):
+            chunk = values[start : start + _MAX_PARAMETERS]
+            placeholders = ", ".join("?" * len(chunk))
+            found.extend(self._connection.execute(f"{select} WHERE {column} IN ({placeholders})", chunk).fetchall())
+        return found
 
     def items_by_sha256(self, hashes: Iterable[str]) -> dict[str, StoredItem]:
         """Return the stored items whose sha256 is in hashes, keyed by sha256."""
@@ -263,13 +426,14 @@ class Store:
         return found
 
     def vector_batches(
-        self, batch_size: int = 10_000, max_row_id: int = _MAX_SIGNED_64
+        self, batch_size: int = 10_000, max_row_id: int = _MAX_SIGNED_64, after_row_id: int = 0
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row_ids, vectors) of every stored item up to max_row_id in row_id order, batch_size rows at a time.
+        """Yield (row_ids, vectors) of the stored items with row_ids in (after_row_id, max_row_id], in order.
 
-        row_ids is an int64 array of shape (n,) and vectors a float32 array of shape (n, dim).
+        Each batch has at most batch_size rows. row_ids is an int64 array of shape (n,) and vectors
+        a float32 array of shape (n, dim).
         """
-        last_row_id = 0
+        last_row_id = after_row_id
         while True:
             with self._lock:
                 rows = self._connection.execute(
@@ -283,12 +447,14 @@ class Store:
             yield row_ids, vectors
             last_row_id = int(row_ids[-1])
 
-    def phash_batches(self, batch_size: int = 100_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Yield (row_ids, phashes, versions) of every item with a fingerprint, in row_id order.
+    def phash_batches(
+        self, batch_size: int = 100_000, after_row_id: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (row_ids, phashes, versions) of every item with a fingerprint after after_row_id, in row_id order.
 
         The arrays are int64, uint64 and uint32, of shape (n,).
         """
-        last_row_id = 0
+        last_row_id = after_row_id
         while True:
             with self._lock:
                 rows = self._connection.execute(
@@ -344,7 +510,7 @@ def _item_from_row(row: tuple) -> StoredItem:
     return StoredItem(
         row_id=row_id,
         item_id=item_id,
-        sha256=sha256,
+        sha256=sha256 or "",
         uri=uri,
         width=width,
         height=height,
@@ -354,6 +520,10 @@ def _item_from_row(row: tuple) -> StoredItem:
         created_at=created_at,
         fingerprint=fingerprint,
     )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
 def _fingerprint_from_row(

@@ -273,15 +273,15 @@ def slow_local_differences(monkeypatch):
     Returns the monotonic times at which the measurements began.
     """
     begun = []
-    measure = audit.measure_local_difference
+    measure = audit.local_differences
 
-    def slow_measure(first, second):
+    def slow_measure(first_layouts, second_layouts):
         begun.append(time.monotonic())
         time.sleep(_SLOW_MEASURE_S)
-        return measure(first, second)
+        return measure(first_layouts, second_layouts)
 
     monkeypatch.setattr(audit, "_MEASURE_CHUNK", 1)
-    monkeypatch.setattr(audit, "measure_local_difference", slow_measure)
+    monkeypatch.setattr(audit, "local_differences", slow_measure)
     return begun
 
 

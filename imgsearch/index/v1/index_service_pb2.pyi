@@ -52,7 +52,7 @@ class NearDuplicatePolicy(_message.Message):
     def __init__(self, max_phash_distance: _Optional[int] = ..., max_local_difference: _Optional[float] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class IngestImagesRequest(_message.Message):
-    __slots__ = ("image", "item_id", "uri", "metadata", "on_duplicate", "duplicate_match")
+    __slots__ = ("image", "embedding", "item_id", "uri", "metadata", "on_duplicate", "duplicate_match")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,18 +61,20 @@ class IngestImagesRequest(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ON_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_MATCH_FIELD_NUMBER: _ClassVar[int]
     image: bytes
+    embedding: _common_pb2.Embedding
     item_id: str
     uri: str
     metadata: _containers.ScalarMap[str, str]
     on_duplicate: OnDuplicate
     duplicate_match: MatchKind
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., on_duplicate: _Optional[_Union[OnDuplicate, str]] = ..., duplicate_match: _Optional[_Union[MatchKind, str]] = ...) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., item_id: _Optional[str] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., on_duplicate: _Optional[_Union[OnDuplicate, str]] = ..., duplicate_match: _Optional[_Union[MatchKind, str]] = ...) -> None: ...
 
 class IngestImagesResponse(_message.Message):
     __slots__ = ("item_id", "status", "error", "uri", "duplicate_of_item_id", "duplicate_match")

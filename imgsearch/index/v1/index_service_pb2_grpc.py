@@ -74,11 +74,11 @@ class IndexServiceServicer:
     """
 
     def IngestImages(self, request_iterator, context):
-        """Adds a stream of images to the collection. The server embeds each image
-        with the embed service, stores it, and sends exactly one response per
-        request, in request order. A failed item gets a response carrying an
-        error, and the stream goes on. An item is acknowledged only after it is
-        stored.
+        """Adds a stream of images, or of embeddings computed elsewhere, to the
+        collection. The server embeds each image with the embed service, stores
+        it, and sends exactly one response per request, in request order. A
+        failed item gets a response carrying an error, and the stream goes on. An
+        item is acknowledged only after it is durably stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

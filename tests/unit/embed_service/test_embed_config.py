@@ -27,7 +27,7 @@ def test_from_env_defaults():
     assert config.batch_size == 16
     assert config.max_message_bytes == 32 * 1024 * 1024
     assert config.max_image_pixels == 50_000_000
-    assert config.max_workers == 8
+    assert config.max_workers == 16
     assert config.onnx_threads == 0
     assert config.grace_s == 5.0
     assert config.log_level == "info"

@@ -11,6 +11,7 @@ from imgsearch_common.fingerprints import (
     LAYOUT_BYTES,
     compare,
     compute_fingerprint,
+    local_differences,
     phash_distance,
 )
 from imgsearch_common.images import decode_rgb
@@ -124,3 +125,19 @@ def test_other_version_is_not_compared():
 
     with pytest.raises(ValueError, match="cannot compare fingerprint versions"):
         compare(fingerprint, other)
+
+
+def test_batched_local_differences_match_one_by_one():
+    fingerprints = [compute_fingerprint(_scene(seed)) for seed in range(4)]
+    fingerprints.append(compute_fingerprint(_scene(0).resize((160, 120))))
+    pairs = [(0, 4), (1, 2), (3, 3), (4, 0), (2, 1)]
+
+    batched = local_differences([fingerprints[a].layout for a, _ in pairs], [fingerprints[b].layout for _, b in pairs])
+
+    for (first, second), value in zip(pairs, batched, strict=True):
+        assert value == pytest.approx(compare(fingerprints[first], fingerprints[second]).local_difference, abs=1e-5)
+
+
+def test_batched_local_differences_reject_unequal_lists():
+    with pytest.raises(ValueError, match="got 1 first layouts but 0 second layouts"):
+        local_differences([b"x"], [])

@@ -104,6 +104,8 @@ class IndexHandle:
     channel: grpc.Channel
     stub: index_service_pb2_grpc.IndexServiceStub
     stopped: bool = False
+    # host:port that the server listens on, for clients other than stub.
+    address: str = ""
 
     def stop(self):
         if self.stopped:
@@ -137,4 +139,5 @@ def start_index_service(config: IndexConfig) -> IndexHandle:
         collection=collection,
         channel=channel,
         stub=index_service_pb2_grpc.IndexServiceStub(channel),
+        address=f"127.0.0.1:{port}",
     )

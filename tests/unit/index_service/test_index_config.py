@@ -129,3 +129,49 @@ def test_parse_args_keeps_config_without_flags():
     base = IndexConfig(listen="127.0.0.1:7100")
 
     assert parse_args([], base) == base
+
+
+def test_from_env_durability_and_metadata_defaults():
+    config = from_env({})
+
+    assert config.snapshot_interval_s == 300.0
+    assert config.snapshot_after_changes == 100_000
+    assert config.removal == "auto"
+    assert config.max_masked_removals == 1024
+    assert (config.max_metadata_keys, config.max_metadata_key_bytes, config.max_metadata_value_bytes) == (64, 256, 4096)
+
+
+def test_from_env_reads_durability_and_metadata_variables():
+    environ = {
+        "IMGSEARCH_INDEX_SNAPSHOT_INTERVAL_S": "0",
+        "IMGSEARCH_INDEX_SNAPSHOT_AFTER_CHANGES": "500",
+        "IMGSEARCH_INDEX_REMOVAL": "mask",
+        "IMGSEARCH_INDEX_MAX_MASKED_REMOVALS": "0",
+        "IMGSEARCH_INDEX_MAX_METADATA_KEYS": "3",
+        "IMGSEARCH_INDEX_MAX_METADATA_KEY_BYTES": "10",
+        "IMGSEARCH_INDEX_MAX_METADATA_VALUE_BYTES": "0",
+    }
+
+    config = from_env(environ)
+
+    assert (config.snapshot_interval_s, config.snapshot_after_changes) == (0.0, 500)
+    assert (config.removal, config.max_masked_removals) == ("mask", 0)
+    assert (config.max_metadata_keys, config.max_metadata_key_bytes, config.max_metadata_value_bytes) == (3, 10, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SNAPSHOT_INTERVAL_S", "-1"),
+        ("SNAPSHOT_INTERVAL_S", "often"),
+        ("SNAPSHOT_AFTER_CHANGES", "-5"),
+        ("REMOVAL", "delete"),
+        ("MAX_MASKED_REMOVALS", "-1"),
+        ("MAX_METADATA_KEYS", "0"),
+        ("MAX_METADATA_KEY_BYTES", "0"),
+        ("MAX_METADATA_VALUE_BYTES", "-1"),
+    ],
+)
+def test_from_env_rejects_bad_durability_value(name, value):
+    with pytest.raises(ConfigError, match=f"IMGSEARCH_INDEX_{name}"):
+        from_env({f"IMGSEARCH_INDEX_{name}": value})

@@ -138,3 +138,62 @@ def test_add_of_nothing():
     index.add(np.array([], dtype=np.int64), np.array([], dtype=np.uint64), np.array([], dtype=np.uint32))
 
     assert len(index) == 0
+
+
+def _small_index() -> PhashIndex:
+    index = PhashIndex()
+    index.add(np.array([2, 4, 6, 8]), np.array([0b1, 0b11, 0b111, 0b1111], dtype=np.uint64), np.array([1, 1, 2, 1]))
+    return index
+
+
+def test_remove_leaves_others_searchable():
+    index = _small_index()
+
+    assert index.remove(np.array([4, 9])) == 1
+    assert index.remove(np.array([4])) == 0
+
+    assert len(index) == 3
+    assert index.row_ids().tolist() == [2, 6, 8]
+    found_row_ids, distances = index.within(0, 1, 64)
+    assert found_row_ids.tolist() == [2, 8]
+    assert distances.tolist() == [1, 4]
+    found, phashes, _ = index.lookup(np.array([4, 8]))
+    assert found.tolist() == [False, True]
+    assert phashes.tolist() == [0, 0b1111]
+
+
+def test_add_after_remove_keeps_order_rule():
+    index = _small_index()
+    index.remove(np.array([8]))
+
+    with pytest.raises(ValueError, match="increase past 6"):
+        index.add(np.array([5]), np.array([0], dtype=np.uint64), np.array([1]))
+    index.add(np.array([7]), np.array([0], dtype=np.uint64), np.array([1]))
+
+    assert index.row_ids().tolist() == [2, 4, 6, 7]
+
+
+def test_arrays_and_load_round_trip():
+    index = _small_index()
+
+    loaded = PhashIndex()
+    loaded.load(*index.arrays())
+
+    assert [array.tolist() for array in loaded.arrays()] == [array.tolist() for array in index.arrays()]
+    assert loaded.within(0, 1, 2)[0].tolist() == [2, 4]
+
+
+def test_load_rejects_bad_arrays():
+    with pytest.raises(ValueError, match="strictly increase"):
+        PhashIndex().load(np.array([3, 3]), np.array([1, 2], dtype=np.uint64), np.array([1, 1]))
+    with pytest.raises(ValueError, match="got 2 row ids, 1 pHashes"):
+        PhashIndex().load(np.array([1, 2]), np.array([1], dtype=np.uint64), np.array([1, 1]))
+
+
+def test_load_of_nothing_empties_index():
+    index = _small_index()
+
+    index.load(np.array([], dtype=np.int64), np.array([], dtype=np.uint64), np.array([], dtype=np.uint32))
+
+    assert len(index) == 0
+    assert index.within(0, 1, 64)[0].tolist() == []

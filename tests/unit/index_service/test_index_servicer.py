@@ -2,6 +2,7 @@
 
 import pytest
 
+from imgsearch.common.v1 import common_pb2
 from imgsearch.index.v1 import index_service_pb2
 from imgsearch_common.errors import DeadlineExceededError, InvalidInputError
 from index_service.duplicates import MatchKind, OnDuplicate, PolicyOverrides
@@ -70,3 +71,25 @@ def test_ingest_item_of_unknown_values():
         _ingest_item_of(index_service_pb2.IngestImagesRequest(on_duplicate=9))
     with pytest.raises(InvalidInputError, match="duplicate_match 9 is not a known MatchKind value"):
         _ingest_item_of(index_service_pb2.IngestImagesRequest(duplicate_match=9))
+
+
+def test_ingest_item_of_embedding():
+    request = index_service_pb2.IngestImagesRequest(
+        item_id="vec-1", embedding=common_pb2.Embedding(values=[0.5, -0.5], model_id="clip")
+    )
+
+    item = _ingest_item_of(request)
+
+    assert (item.image, item.embedding, item.model_id, item.item_id) == (b"", [0.5, -0.5], "clip", "vec-1")
+
+
+def test_ingest_item_of_embedding_without_values():
+    request = index_service_pb2.IngestImagesRequest(embedding=common_pb2.Embedding(model_id="clip"))
+
+    assert _ingest_item_of(request).embedding == []
+
+
+def test_ingest_item_of_image_or_nothing():
+    assert _ingest_item_of(index_service_pb2.IngestImagesRequest(image=b"png")).embedding is None
+    unset = _ingest_item_of(index_service_pb2.IngestImagesRequest(uri="no content"))
+    assert (unset.image, unset.embedding) == (b"", None)

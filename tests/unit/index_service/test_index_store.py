@@ -306,3 +306,183 @@ def test_migrated_store_opens_again(tmp_path):
         assert reopened.settings() == {"model_id": "fake-clip", "dim": "4"}
     finally:
         reopened.close()
+
+
+# Removal and tombstones
+
+
+def test_remove_items_deletes_and_leaves_tombstones(store):
+    row_ids = store.add_items([_new_item(n) for n in range(4)])
+
+    removed = store.remove_items(["item-1", "item-3", "item-9", "item-1"])
+
+    assert removed == {"item-1": row_ids[1], "item-3": row_ids[3]}
+    assert store.count() == 2
+    assert sorted(store.items_by_item_id(["item-0", "item-1", "item-2", "item-3"])) == ["item-0", "item-2"]
+    assert store.items_by_sha256([_new_item(1).sha256]) == {}
+    assert store.row_ids().tolist() == [row_ids[0], row_ids[2]]
+    assert store.removed_item_ids(["item-1", "item-2", "item-3", "item-9"]) == {"item-1", "item-3"}
+    assert store.last_removal_id() == 2
+    assert store.removed_row_ids(after_removal_id=0).tolist() == [row_ids[1], row_ids[3]]
+    assert store.removed_row_ids(after_removal_id=1).tolist() == [row_ids[3]]
+
+
+def test_remove_items_twice_removes_nothing_more(store):
+    store.add_items([_new_item(1)])
+    store.remove_items(["item-1"])
+
+    assert store.remove_items(["item-1"]) == {}
+    assert store.last_removal_id() == 1
+
+
+def test_removed_item_id_rejected_by_store(store):
+    store.add_items([_new_item(1)])
+    store.remove_items(["item-1"])
+
+    with pytest.raises(sqlite3.IntegrityError, match="removed item"):
+        store.add_items([dataclasses.replace(_new_item(2), item_id="item-1")])
+
+    assert store.count() == 0
+
+
+def test_removed_bytes_can_be_stored_again(store):
+    store.add_items([_new_item(1)])
+    store.remove_items(["item-1"])
+
+    [row_id] = store.add_items([dataclasses.replace(_new_item(1), item_id="item-1-again")])
+
+    assert store.items_by_sha256([_new_item(1).sha256])[_new_item(1).sha256].row_id == row_id
+
+
+def test_last_row_id_counts_removed_items(store):
+    assert store.last_row_id() == 0
+    row_ids = store.add_items([_new_item(1), _new_item(2)])
+    store.remove_items(["item-2"])
+
+    assert store.last_row_id() == row_ids[-1]
+    assert store.max_row_id() == row_ids[0]
+
+
+def test_removals_survive_reopening(tmp_path):
+    store = Store(tmp_path)
+    store.add_items([_new_item(1), _new_item(2)])
+    store.remove_items(["item-1"])
+    store.close()
+
+    reopened = Store(tmp_path)
+    try:
+        assert reopened.count() == 1
+        assert reopened.removed_item_ids(["item-1"]) == {"item-1"}
+        assert reopened.last_removal_id() == 1
+    finally:
+        reopened.close()
+
+
+def test_removal_of_many_items(store):
+    store.add_items([_new_item(n) for n in range(1200)])
+
+    removed = store.remove_items(f"item-{n}" for n in range(0, 1200, 2))
+
+    assert len(removed) == 600
+    assert store.count() == 600
+
+
+# Metadata updates
+
+
+def test_update_metadata_applies_change(store):
+    store.add_items([_new_item(1)])
+
+    updated = store.update_metadata("item-1", lambda metadata: {**metadata, "label": "cat", "new": "yes"})
+
+    assert updated == {"label": "cat", "number": "1", "new": "yes"}
+    assert store.items_by_item_id(["item-1"])["item-1"].metadata == updated
+
+
+def test_update_metadata_of_unknown_item(store):
+    calls = []
+
+    assert store.update_metadata("nope", lambda metadata: calls.append(metadata) or {}) is None
+    assert calls == []
+
+
+def test_update_metadata_rolls_back_on_error(store):
+    store.add_items([_new_item(1)])
+
+    def failing_change(metadata):
+        raise ValueError("too many keys")
+
+    with pytest.raises(ValueError, match="too many keys"):
+        store.update_metadata("item-1", failing_change)
+
+    assert store.items_by_item_id(["item-1"])["item-1"].metadata == _new_item(1).metadata
+    store.add_items([_new_item(2)])  # the store is usable after the rollback
+    assert store.count() == 2
+
+
+def test_update_metadata_survives_reopening(tmp_path):
+    store = Store(tmp_path)
+    store.add_items([_new_item(1)])
+    store.update_metadata("item-1", lambda metadata: {"only": "this"})
+    store.close()
+
+    reopened = Store(tmp_path)
+    try:
+        assert reopened.items_by_item_id(["item-1"])["item-1"].metadata == {"only": "this"}
+    finally:
+        reopened.close()
+
+
+# Items added as embeddings, and row id listings
+
+
+def test_items_without_sha256(store):
+    items = [dataclasses.replace(_new_item(n), sha256=None, width=0, height=0) for n in (1, 2)]
+
+    row_ids = store.add_items(items)
+
+    stored = store.items_by_row_id(row_ids)
+    assert [stored[row_id].sha256 for row_id in row_ids] == ["", ""]
+    assert [stored[row_id].fingerprint for row_id in row_ids] == [None, None]
+    np.testing.assert_array_equal(stored[row_ids[1]].vector, items[1].vector)
+
+
+def test_row_id_listings(store):
+    store.add_items([_fingerprinted_item(1), _new_item(2), _fingerprinted_item(3)])
+    store.remove_items(["item-3"])
+
+    assert store.row_ids().tolist() == [1, 2]
+    assert store.fingerprinted_row_ids().tolist() == [1]
+
+
+def test_batches_after_row_id(store):
+    store.add_items([_fingerprinted_item(n) for n in range(1, 6)])
+
+    vector_row_ids = [row_id for row_ids, _ in store.vector_batches(after_row_id=3) for row_id in row_ids]
+    phash_row_ids = [row_id for row_ids, _, _ in store.phash_batches(after_row_id=3) for row_id in row_ids]
+
+    assert vector_row_ids == [4, 5]
+    assert phash_row_ids == [4, 5]
+
+
+def test_old_store_migration_keeps_row_id_high_water_mark(tmp_path):
+    write_old_store(tmp_path, [np.ones(4), np.arange(4), np.full(4, 2.0)])
+    with sqlite3.connect(tmp_path / FILE_NAME) as connection:
+        connection.execute("DELETE FROM items WHERE item_id = 'old-2'")
+    connection.close()
+
+    store = Store(tmp_path)
+    try:
+        columns = {row[1]: row for row in store._connection.execute("PRAGMA table_info(items)")}
+        [new_row_id] = store.add_items([dataclasses.replace(_new_item(7), sha256=None)])
+        old = store.items_by_item_id(["old-0", "old-1"])
+        store.remove_items(["old-0"])
+        with pytest.raises(sqlite3.IntegrityError, match="removed item"):
+            store.add_items([dataclasses.replace(_new_item(8), item_id="old-0")])
+    finally:
+        store.close()
+
+    assert columns["sha256"][3] == 0  # notnull is off
+    assert new_row_id == 4
+    assert old["old-1"].vector.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert old["old-0"].sha256 == f"{0:064x}"

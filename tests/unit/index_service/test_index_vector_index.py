@@ -203,3 +203,163 @@ def test_vectors_of_unknown_row_id(cpu_index):
 
     with pytest.raises(KeyError, match="not every row_id of \\[1, 4\\]"):
         cpu_index.vectors(np.array([1, 4]))
+
+
+# Removal: remove_ids on the CPU, and the mask that a GPU index needs, forced here on the CPU
+
+
+@pytest.fixture(params=["remove_ids", "mask"])
+def removal(request):
+    return request.param
+
+
+def test_search_after_removal_matches_brute_force(removal):
+    index = VectorIndex(device="cpu", removal=removal, max_masked=1000)
+    database = _unit_vectors(400, seed=20)
+    row_ids = np.arange(1, 401, dtype=np.int64)
+    index.add(row_ids, database)
+    removed = np.random.default_rng(21).choice(row_ids, size=120, replace=False)
+    queries = _unit_vectors(10, seed=22)
+
+    assert index.remove(removed) == 120
+    results = index.search(queries, k=15)
+
+    kept = ~np.isin(row_ids, removed)
+    expected_ids, expected_scores = _brute_force(database[kept], row_ids[kept], queries, k=15)
+    for hits, ids, scores in zip(results, expected_ids, expected_scores):
+        assert [hit.row_id for hit in hits] == ids.tolist()
+        np.testing.assert_allclose([hit.score for hit in hits], scores, atol=1e-5)
+    assert len(index) == 280
+    assert index.row_ids().tolist() == row_ids[kept].tolist()
+
+
+def test_removal_of_unknown_and_repeated_row_ids(removal):
+    index = VectorIndex(device="cpu", removal=removal)
+    index.add(np.array([1, 2, 3]), _unit_vectors(3, seed=23))
+
+    assert index.remove(np.array([2, 2, 99])) == 1
+    assert index.remove(np.array([2])) == 0
+    assert index.remove(np.array([], dtype=np.int64)) == 0
+    assert VectorIndex(device="cpu", removal=removal).remove(np.array([1])) == 0
+    assert len(index) == 2
+
+
+def test_removed_vectors_not_found(removal):
+    index = VectorIndex(device="cpu", removal=removal)
+    database = _unit_vectors(5, seed=24)
+    index.add(np.arange(1, 6), database)
+    index.remove(np.array([2, 4]))
+
+    found, vectors = index.vectors_if_present(np.array([1, 2, 3, 4, 9]))
+
+    assert found.tolist() == [True, False, True, False, False]
+    np.testing.assert_array_equal(vectors[[0, 2]], database[[0, 2]])
+    assert not vectors[[1, 3, 4]].any()
+    with pytest.raises(KeyError, match="row_id 2 is missing"):
+        index.vectors(np.array([1, 2]))
+
+
+def test_search_never_returns_masked_row_ids_with_small_k():
+    index = VectorIndex(device="cpu", removal="mask")
+    database = _unit_vectors(50, seed=25)
+    index.add(np.arange(50), database)
+    # Mask the query's 10 nearest neighbours, so that faiss must be asked for more than k.
+    nearest = [hit.row_id for hit in index.search(database[:1], k=10)[0]]
+    index.remove(np.array(nearest))
+
+    [hits] = index.search(database[:1], k=3)
+
+    assert len(hits) == 3
+    assert not set(hit.row_id for hit in hits) & set(nearest)
+    assert index.masked_count == 10
+
+
+def test_mask_past_limit_asks_for_rebuild():
+    index = VectorIndex(device="cpu", removal="mask", max_masked=2)
+    database = _unit_vectors(6, seed=26)
+    row_ids = np.arange(1, 7)
+    index.add(row_ids, database)
+
+    index.remove(np.array([1, 2]))
+    assert not index.needs_rebuild
+    index.remove(np.array([3]))
+    assert index.needs_rebuild
+
+    assert index.rebuild([(row_ids[3:5], database[3:5]), (row_ids[5:], database[5:])]) == 3
+    assert not index.needs_rebuild
+    assert index.masked_count == 0
+    assert index.row_ids().tolist() == [4, 5, 6]
+    assert [hit.row_id for hit in index.search(database[:1], k=6)[0]] == sorted(
+        [4, 5, 6], key=lambda row_id: -float(database[0] @ database[row_id - 1])
+    )
+
+
+def test_auto_removal_on_cpu_is_remove_ids():
+    assert VectorIndex(device="cpu").removal == "remove_ids"
+
+
+def test_unknown_removal_mode_rejected():
+    with pytest.raises(ValueError, match="removal must be one of"):
+        VectorIndex(device="cpu", removal="erase")
+
+
+def test_rebuild_from_no_batches_empties_index():
+    index = VectorIndex(device="cpu")
+    index.add(np.array([1]), _unit_vectors(1, seed=27))
+
+    assert index.rebuild([]) == 0
+    assert len(index) == 0
+    assert index.dim is None
+
+
+# Serialization
+
+
+def test_serialize_round_trip(removal):
+    index = VectorIndex(device="cpu", removal=removal)
+    database = _unit_vectors(30, seed=28)
+    index.add(np.arange(100, 130), database)
+    index.remove(np.array([105, 110]))
+
+    loaded = VectorIndex(device="cpu", removal=removal)
+    loaded.load(index.serialize())
+
+    assert loaded.row_ids().tolist() == index.row_ids().tolist()
+    assert loaded.masked_count == 0
+    assert loaded.dim == _DIM
+    queries = _unit_vectors(3, seed=29)
+    assert loaded.search(queries, k=5) == index.search(queries, k=5)
+    np.testing.assert_array_equal(loaded.vectors(np.array([101, 129])), database[[1, 29]])
+
+
+def test_serialize_keeps_masked_vectors_in_live_index():
+    index = VectorIndex(device="cpu", removal="mask")
+    index.add(np.arange(1, 4), _unit_vectors(3, seed=30))
+    index.remove(np.array([2]))
+
+    index.serialize()
+
+    assert index.masked_count == 1
+    assert index.row_ids().tolist() == [1, 3]
+
+
+def test_serialize_of_empty_index():
+    loaded = VectorIndex(device="cpu")
+    loaded.load(VectorIndex(device="cpu").serialize())
+
+    assert loaded.dim is None
+    assert len(loaded) == 0
+
+
+@pytest.mark.parametrize(
+    "serialized",
+    [
+        np.frombuffer(b"not a faiss index at all", dtype=np.uint8),
+        faiss.serialize_index(faiss.IndexFlatIP(4)),
+        faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexFlatL2(4))),
+    ],
+    ids=["garbage", "no-id-map", "l2-metric"],
+)
+def test_load_rejects_other_bytes(serialized):
+    with pytest.raises(ValueError, match="serialized index"):
+        VectorIndex(device="cpu").load(serialized)
