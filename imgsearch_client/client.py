@@ -34,7 +34,7 @@ class IngestItem:
     """One image, or one embedding computed elsewhere, to ingest, with optional item_id, uri and metadata.
 
     Give either image bytes or embedding, a sequence of floats, with the model_id of the model that
-    produced it; the server stores an embedding without embedding anything. on_duplicate is "add",
+    produced it. The server stores an embedding as it is, without calling the embed service. on_duplicate is "add",
     "skip" or "reject" (empty: the server's default, skip); duplicate_match is "exact" or "near"
     (empty: exact), the matches that count as duplicates. An embedding is matched by item_id only.
     """
@@ -60,7 +60,7 @@ class IngestItem:
 
 @dataclasses.dataclass(frozen=True)
 class RemoveOutcome:
-    """What a removal did: how many items it removed, and the requested item_ids that named no stored item."""
+    """The outcome of a removal: the number of items removed, and the requested item_ids that named no stored item."""
 
     removed_count: int
     not_found_item_ids: tuple[str, ...]

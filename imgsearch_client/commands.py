@@ -54,7 +54,7 @@ _TLS_FLAG_NAMES = ("--tls-ca or IMGSEARCH_TLS_CA", "--tls-cert or IMGSEARCH_TLS_
 
 @dataclasses.dataclass(frozen=True)
 class MetadataChange:
-    """What update-metadata changes: keys to set, keys to delete, and whether the set keys replace all others."""
+    """The change that update-metadata requests: keys to set, keys to delete, and whether the set keys replace all others."""
 
     set_values: Mapping[str, str]
     remove_keys: tuple[str, ...] = ()

@@ -18,6 +18,8 @@ log = structlog.get_logger(__name__)
 
 # The empty service name reports the server as a whole, as the health protocol specifies.
 OVERALL = ""
+# Maximum time between a stop signal and the start of the shutdown.
+_SIGNAL_POLL_S = 0.5
 
 
 def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -115,7 +117,11 @@ def serve_until_signalled(
 
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
-    stop_requested.wait()
+    # Python runs signal handlers in the main thread only, and a signal that the kernel delivers to
+    # another thread (a gRPC or faiss one) does not wake a main thread blocked in wait() without a
+    # timeout, so the wait polls.
+    while not stop_requested.wait(timeout=_SIGNAL_POLL_S):
+        pass
 
     set_serving(health_servicer, names, serving=False)
     # From here on the servicer ignores set() calls, so a health watcher that probes a backend while

@@ -163,7 +163,7 @@ class DuplicateAudit:
 
     check is called between batches and groups, and stops the audit by raising, for example when
     the caller's deadline ran out or the caller went away. Items removed while the audit runs are
-    left out of the pairs and groups found after their removal; a group left with fewer than two
+    left out of the pairs and groups found after their removal. A group left with fewer than two
     members is not sent.
     """
 

@@ -6,32 +6,27 @@ persist.
 """
 
 import dataclasses
-import enum
 import hashlib
 import math
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import structlog
 
 from imgsearch_common.errors import (
-    AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
     ImgsearchError,
     InvalidInputError,
     NotFoundError,
-    TooLargeError,
-    UnavailableError,
 )
 from imgsearch_common.fingerprints import Fingerprint
 from imgsearch_common.images import describe_image
 from index_service.audit import AuditEvent, DuplicateAudit, audit_settings
-from index_service.candidates import CandidateFinder, Duplicate, MatchedItem, PendingItem
+from index_service.candidates import CandidateFinder, Duplicate, MatchedItem
 from index_service.duplicates import (
     MATCH_RANK,
     MatchKind,
@@ -42,19 +37,40 @@ from index_service.duplicates import (
     measurable,
 )
 from index_service.embedder import Embedder, Embedding
+from index_service.ingest_items import (
+    Candidate,
+    IngestItem,
+    IngestResult,
+    IngestStatus,
+    added,
+    check_image_bytes,
+    drop_batch_duplicates,
+    failed,
+    follow,
+    given_vector_mismatch,
+    invalid_embedding_from_service,
+    item_id_removed,
+    model_mismatch,
+    new_item,
+    new_item_id,
+    normalised,
+    pending_item,
+    rejected,
+    skipped,
+    stored_item_id_result,
+    unit_vector,
+    validate_item_id,
+)
 from index_service.metadata import MetadataLimits, MetadataUpdate, validate_metadata, validate_update
 from index_service.phash_index import PhashIndex
 from index_service.recovery import capture_snapshot, restore_indexes
 from index_service.snapshot import write_snapshot
 from index_service.snapshot_scheduler import SnapshotScheduler
-from index_service.store import NewItem, Store, StoredItem
+from index_service.store import Store, StoredItem
 from index_service.vector_index import Hit, VectorIndex
 
 log = structlog.get_logger(__name__)
 
-MAX_ITEM_ID_CHARS = 256
-ASSIGNED_ID_PREFIX = "img_"
-_ASSIGNED_ID_RANDOM_BYTES = 10  # 20 hex characters
 _SETTING_MODEL_ID = "model_id"
 _SETTING_DIM = "dim"
 
@@ -73,50 +89,6 @@ class CollectionLimits:
     max_image_pixels: int = 50_000_000
     near_max_candidates: int = 200
     metadata: MetadataLimits = MetadataLimits()
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestItem:
-    """One image or embedding to add, with its optional caller-chosen item_id, uri and metadata.
-
-    An item carries either image bytes or, with embedding set, a vector from the model model_id,
-    which is stored as it is (normalised) without calling the embedder. on_duplicate sets what
-    happens when the image duplicates a stored item or an earlier item of its batch, and
-    duplicate_match sets which matches count: EXACT, or NEAR for exact or near. An embedding has
-    no fingerprint, so it duplicates nothing.
-    """
-
-    image: bytes = b""
-    item_id: str = ""
-    uri: str = ""
-    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    on_duplicate: OnDuplicate = OnDuplicate.SKIP
-    duplicate_match: MatchKind = MatchKind.EXACT
-    embedding: Sequence[float] | None = None
-    model_id: str = ""
-
-
-class IngestStatus(enum.Enum):
-    """Outcome of one ingested item."""
-
-    ADDED = "added"
-    ALREADY_PRESENT = "already_present"
-    FAILED = "failed"
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestResult:
-    """The outcome of one ingested item; error is set only when status is FAILED.
-
-    duplicate_of_item_id names the item that the image duplicates, with duplicate_match saying
-    how, when the duplicate policy found one.
-    """
-
-    status: IngestStatus
-    item_id: str = ""
-    error: ImgsearchError | None = None
-    duplicate_of_item_id: str = ""
-    duplicate_match: MatchKind = MatchKind.UNSPECIFIED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +138,7 @@ class Neighbour:
 
 @dataclasses.dataclass(frozen=True)
 class RemoveResult:
-    """What a removal did: how many items it removed, and the requested item_ids that named none."""
+    """The outcome of a removal: the number of items removed, and the requested item_ids that named no stored item."""
 
     removed_count: int
     not_found_item_ids: list[str]
@@ -181,27 +153,6 @@ class CollectionStats:
     model_id: str
     index_type: str
     index_device: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Candidate:
-    """A valid ingest item that may become a new stored item.
-
-    An embedding item has its unit vector and model_id set, no image, and sha256 None.
-    """
-
-    position: int
-    item_id: str
-    sha256: str | None
-    uri: str
-    width: int
-    height: int
-    metadata: dict[str, str]
-    image: bytes
-    on_duplicate: OnDuplicate
-    duplicate_match: MatchKind
-    vector: np.ndarray | None = None
-    model_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +230,7 @@ class Collection:
     def check_embedder(self, timeout_s: float) -> None:
         """Check that the embedder runs the collection's model; log it, or a warning when it is unreachable.
 
-        Raises EmbedModelMismatchError when the embedder answers with another model or dim than the
+        Raises EmbedModelMismatchError when the embedder returns another model or dim than the
         collection contains. An unreachable embedder is only logged, so that the service can start
         and reject images per item until the embedder is back.
         """
@@ -297,7 +248,7 @@ class Collection:
                 embed_dim=info.dim,
             )
             raise EmbedModelMismatchError(
-                f"the data directory holds embeddings of model {self._model_id!r} (dim {self._dim}), but the embed "
+                f"the data directory contains embeddings of model {self._model_id!r} (dim {self._dim}), but the embed "
                 f"service runs model {info.model_id!r} (dim {info.dim}); run the embed service with model "
                 f"{self._model_id!r}, or give the index service another data directory"
             )
@@ -397,30 +348,30 @@ class Collection:
             try:
                 candidates.append(self._prepare(position, item))
             except ImgsearchError as error:
-                results[position] = _failed(error)
+                results[position] = failed(error)
 
         candidates = self._drop_stored(candidates, results)
-        candidates, leader_by_follower = _drop_batch_duplicates(candidates, results)
+        candidates, leader_by_follower = drop_batch_duplicates(candidates, results)
         embedded = self._embed([c for c in candidates if c.vector is None], timeout_s, results)
         given = [(c, Embedding(vector=c.vector, model_id=c.model_id)) for c in candidates if c.vector is not None]
         self._commit(sorted(embedded + given, key=lambda pair: pair[0].position), results)
         for follower, leader in leader_by_follower.items():
-            results[follower] = _follow(results[leader])
+            results[follower] = follow(results[leader])
         return results
 
-    def _prepare(self, position: int, item: IngestItem) -> _Candidate:
+    def _prepare(self, position: int, item: IngestItem) -> Candidate:
         if item.duplicate_match not in (MatchKind.EXACT, MatchKind.NEAR):
             raise InvalidInputError(f"duplicate_match must be EXACT or NEAR, got {item.duplicate_match.name}")
         if item.item_id:
-            _validate_item_id(item.item_id)
+            validate_item_id(item.item_id)
         validate_metadata(item.metadata, self._limits.metadata)
         if item.embedding is not None:
             return self._prepare_embedding(position, item)
-        _check_image_bytes(item.image, self._limits.max_image_bytes)
+        check_image_bytes(item.image, self._limits.max_image_bytes)
         info = describe_image(item.image, self._limits.max_image_pixels)
-        return _Candidate(
+        return Candidate(
             position=position,
-            item_id=item.item_id or _new_item_id(),
+            item_id=item.item_id or new_item_id(),
             sha256=hashlib.sha256(item.image).hexdigest(),
             uri=item.uri,
             width=info.width,
@@ -431,16 +382,16 @@ class Collection:
             duplicate_match=item.duplicate_match,
         )
 
-    def _prepare_embedding(self, position: int, item: IngestItem) -> _Candidate:
+    def _prepare_embedding(self, position: int, item: IngestItem) -> Candidate:
         if item.image:
             raise InvalidInputError("the item has both image bytes and an embedding; send one of them")
         if not item.model_id:
             raise InvalidInputError("the embedding's model_id is empty; name the model that produced the vector")
-        vector = _unit_vector(item.embedding)
+        vector = unit_vector(item.embedding)
         self._check_model_of_vector(len(vector), item.model_id)
-        return _Candidate(
+        return Candidate(
             position=position,
-            item_id=item.item_id or _new_item_id(),
+            item_id=item.item_id or new_item_id(),
             sha256=None,
             uri=item.uri,
             width=0,
@@ -462,7 +413,7 @@ class Collection:
                 f"embedding is from model {model_id!r}, but the collection contains model {self._model_id!r}"
             )
 
-    def _drop_stored(self, candidates: list[_Candidate], results: list) -> list[_Candidate]:
+    def _drop_stored(self, candidates: list[Candidate], results: list) -> list[Candidate]:
         """Set the results of candidates whose bytes or item_id are stored or were removed; return the others."""
         removed_item_ids = self._store.removed_item_ids(c.item_id for c in candidates)
         stored_by_sha256 = self._store.items_by_sha256(c.sha256 for c in candidates if c.sha256 is not None)
@@ -470,44 +421,44 @@ class Collection:
         remaining = []
         for candidate in candidates:
             if candidate.item_id in removed_item_ids:
-                results[candidate.position] = _failed(_item_id_removed(candidate.item_id))
+                results[candidate.position] = failed(item_id_removed(candidate.item_id))
             elif candidate.sha256 in stored_by_sha256:
                 stored = stored_by_sha256[candidate.sha256]
                 results[candidate.position] = IngestResult(IngestStatus.ALREADY_PRESENT, stored.item_id)
             elif candidate.item_id in stored_by_item_id:
-                results[candidate.position] = _stored_item_id_result(candidate, stored_by_item_id[candidate.item_id])
+                results[candidate.position] = stored_item_id_result(candidate, stored_by_item_id[candidate.item_id])
             else:
                 remaining.append(candidate)
         return remaining
 
     def _embed(
-        self, candidates: list[_Candidate], timeout_s: float, results: list
-    ) -> list[tuple[_Candidate, Embedding]]:
+        self, candidates: list[Candidate], timeout_s: float, results: list
+    ) -> list[tuple[Candidate, Embedding]]:
         """Embed the candidates in one call; set the results of those that fail, return the others."""
         if not candidates:
             return []
         if timeout_s <= 0:
             error = DeadlineExceededError("the deadline ran out before the images could be embedded")
             for candidate in candidates:
-                results[candidate.position] = _failed(error)
+                results[candidate.position] = failed(error)
             return []
 
         outputs = self._embedder.embed_images([c.image for c in candidates], timeout_s)
         embedded = []
         for candidate, output in zip(candidates, outputs, strict=True):
             if isinstance(output, ImgsearchError):
-                results[candidate.position] = _failed(output)
+                results[candidate.position] = failed(output)
                 continue
-            vector = _normalised(output.vector)
+            vector = normalised(output.vector)
             if vector is None:
-                results[candidate.position] = _failed(_invalid_embedding_from_service())
+                results[candidate.position] = failed(invalid_embedding_from_service())
                 continue
             embedded.append(
                 (candidate, Embedding(vector=vector, model_id=output.model_id, fingerprint=output.fingerprint))
             )
         return embedded
 
-    def _commit(self, embedded: list[tuple[_Candidate, Embedding]], results: list) -> None:
+    def _commit(self, embedded: list[tuple[Candidate, Embedding]], results: list) -> None:
         """Store the embedded candidates in one transaction, then add them to the indexes."""
         if not embedded:
             return
@@ -520,7 +471,7 @@ class Collection:
             if not embedded:
                 return
 
-            row_ids = self._store.add_items([_new_item(c, e) for c, e in embedded], settings)
+            row_ids = self._store.add_items([new_item(c, e) for c, e in embedded], settings)
             if settings:
                 self._model_id, self._dim = settings[_SETTING_MODEL_ID], int(settings[_SETTING_DIM])
             # NOTE: if this add fails (out of memory), the items stay stored but are searchable
@@ -531,7 +482,7 @@ class Collection:
 
         for candidate, _ in embedded:
             duplicate = duplicate_by_position.get(candidate.position)
-            results[candidate.position] = _added(candidate.item_id, duplicate)
+            results[candidate.position] = added(candidate.item_id, duplicate)
         log.debug("items_added", count=len(embedded), first_row_id=row_ids[0])
 
     def _add_phashes(self, row_ids: list[int], fingerprints: list[Fingerprint | None]) -> None:
@@ -543,8 +494,8 @@ class Collection:
         )
 
     def _apply_duplicate_policy(
-        self, embedded: list[tuple[_Candidate, Embedding]], results: list
-    ) -> tuple[list[tuple[_Candidate, Embedding]], dict[int, Duplicate]]:
+        self, embedded: list[tuple[Candidate, Embedding]], results: list
+    ) -> tuple[list[tuple[Candidate, Embedding]], dict[int, Duplicate]]:
         """Apply each candidate's on_duplicate to the item it duplicates, if any.
 
         Returns the candidates to store, and the duplicates of those among them that duplicate an
@@ -552,14 +503,14 @@ class Collection:
         """
         hashes = {e.fingerprint.pixel_sha256 for _, e in embedded if e.fingerprint is not None}
         stored_by_pixel_sha256 = self._store.items_by_pixel_sha256(hashes)
-        kept: list[tuple[_Candidate, Embedding]] = []
+        kept: list[tuple[Candidate, Embedding]] = []
         duplicate_by_position = {}
         for candidate, embedding in embedded:
             duplicate = self._candidates.duplicate_of(
-                _pending(candidate, embedding),
+                pending_item(candidate, embedding),
                 candidate.duplicate_match,
                 stored_by_pixel_sha256,
-                [_pending(c, e) for c, e in kept],
+                [pending_item(c, e) for c, e in kept],
                 self._near_policy,
             )
             if duplicate is None or candidate.on_duplicate is OnDuplicate.ADD:
@@ -567,14 +518,14 @@ class Collection:
                 if duplicate is not None:
                     duplicate_by_position[candidate.position] = duplicate
             elif candidate.on_duplicate is OnDuplicate.SKIP:
-                results[candidate.position] = _skipped(duplicate)
+                results[candidate.position] = skipped(duplicate)
             else:
-                results[candidate.position] = _rejected(duplicate)
+                results[candidate.position] = rejected(duplicate)
         return kept, duplicate_by_position
 
     def _match_model(
-        self, embedded: list[tuple[_Candidate, Embedding]], results: list
-    ) -> tuple[list[tuple[_Candidate, Embedding]], dict[str, str]]:
+        self, embedded: list[tuple[Candidate, Embedding]], results: list
+    ) -> tuple[list[tuple[Candidate, Embedding]], dict[str, str]]:
         """Keep the embeddings of the collection's model and dim; the first add fixes both.
 
         Returns the kept embeddings and the settings to store, which are empty unless this is the
@@ -592,9 +543,9 @@ class Collection:
                 kept.append((candidate, embedding))
             elif candidate.vector is not None:
                 # The caller sent this vector, so the mismatch is the caller's input, not the embed service's state.
-                results[candidate.position] = _failed(_given_vector_mismatch(model_id, dim, embedding))
+                results[candidate.position] = failed(given_vector_mismatch(model_id, dim, embedding))
             else:
-                results[candidate.position] = _failed(_model_mismatch(model_id, dim, embedding))
+                results[candidate.position] = failed(model_mismatch(model_id, dim, embedding))
         return kept, settings
 
     # Removal and metadata
@@ -727,14 +678,14 @@ class Collection:
         return stored
 
     def _checked_query_vector(self, query: VectorQuery) -> np.ndarray | None:
-        vector = _unit_vector(query.values)
+        vector = unit_vector(query.values)
         if self._dim is None:
             return None
         self._check_model_of_vector(len(vector), query.model_id)
         return vector
 
     def _embedded_query(self, image: bytes, timeout_s: float) -> _QueryTarget | None:
-        _check_image_bytes(image, self._limits.max_image_bytes)
+        check_image_bytes(image, self._limits.max_image_bytes)
         describe_image(image, self._limits.max_image_pixels)
         if self._dim is None:
             return None
@@ -745,10 +696,10 @@ class Collection:
         if isinstance(output, ImgsearchError):
             raise output
         if (output.model_id, output.vector.shape[0]) != (self._model_id, self._dim):
-            raise _model_mismatch(self._model_id, self._dim, output)
-        vector = _normalised(output.vector)
+            raise model_mismatch(self._model_id, self._dim, output)
+        vector = normalised(output.vector)
         if vector is None:
-            raise _invalid_embedding_from_service()
+            raise invalid_embedding_from_service()
         return _QueryTarget(vector, output.fingerprint)
 
     def _classified_hits(
@@ -779,187 +730,11 @@ class Collection:
         return exact + list(near)
 
 
-def _drop_batch_duplicates(
-    candidates: list[_Candidate], results: list
-) -> tuple[list[_Candidate], dict[int, int]]:
-    """Keep the first candidate of each sha256 and item_id in the batch.
-
-    Returns the kept candidates and, for each later candidate with the same bytes, or with the same
-    item_id and vector as an earlier embedding, the position of the first one, whose result it will
-    follow. A later candidate that reuses an item_id with other content fails with AlreadyExistsError.
-    """
-    leader_by_sha256: dict[str, int] = {}
-    leader_by_item_id: dict[str, _Candidate] = {}
-    kept = []
-    leader_by_follower = {}
-    for candidate in candidates:
-        leader = leader_by_item_id.get(candidate.item_id)
-        if candidate.sha256 is not None and candidate.sha256 in leader_by_sha256:
-            leader_by_follower[candidate.position] = leader_by_sha256[candidate.sha256]
-        elif leader is not None and _same_vector(leader, candidate.vector, candidate.model_id):
-            leader_by_follower[candidate.position] = leader.position
-        elif leader is not None:
-            results[candidate.position] = _failed(_item_id_taken(candidate.item_id))
-        else:
-            if candidate.sha256 is not None:
-                leader_by_sha256[candidate.sha256] = candidate.position
-            leader_by_item_id[candidate.item_id] = candidate
-            kept.append(candidate)
-    return kept, leader_by_follower
-
-
-def _same_vector(item: _Candidate | StoredItem, vector: np.ndarray | None, model_id: str) -> bool:
-    """Return whether an embedding item, given or stored, has exactly this unit vector of model_id."""
-    if vector is None or item.model_id != model_id:
-        return False
-    other = item.vector
-    return other is not None and other.shape == vector.shape and bool(np.array_equal(other, vector))
-
-
-def _stored_item_id_result(candidate: _Candidate, stored: StoredItem) -> IngestResult:
-    """Return the result of a candidate whose item_id is stored with other bytes, or with the candidate's vector."""
-    if _same_vector(stored, candidate.vector, candidate.model_id):
-        return IngestResult(IngestStatus.ALREADY_PRESENT, stored.item_id)
-    return _failed(_item_id_taken(candidate.item_id))
-
-
-def _follow(leader: IngestResult) -> IngestResult:
-    """Return the result of an item whose bytes an earlier item of the same batch carried.
-
-    It is the leader's result, except that an added leader makes it ALREADY_PRESENT.
-    """
-    if leader.status is IngestStatus.ADDED:
-        return IngestResult(IngestStatus.ALREADY_PRESENT, leader.item_id)
-    return leader
-
-
-def _pending(candidate: _Candidate, embedding: Embedding) -> PendingItem:
-    return PendingItem(item_id=candidate.item_id, vector=embedding.vector, fingerprint=embedding.fingerprint)
-
-
-def _added(item_id: str, duplicate: Duplicate | None) -> IngestResult:
-    if duplicate is None:
-        return IngestResult(IngestStatus.ADDED, item_id)
-    return IngestResult(
-        IngestStatus.ADDED, item_id, duplicate_of_item_id=duplicate.item_id, duplicate_match=duplicate.match
-    )
-
-
-def _skipped(duplicate: Duplicate) -> IngestResult:
-    return IngestResult(
-        IngestStatus.ALREADY_PRESENT,
-        duplicate.item_id,
-        duplicate_of_item_id=duplicate.item_id,
-        duplicate_match=duplicate.match,
-    )
-
-
-def _rejected(duplicate: Duplicate) -> IngestResult:
-    error = AlreadyExistsError(
-        f"the image duplicates stored item_id {duplicate.item_id!r} (match {duplicate.match.value}); "
-        "set on_duplicate to ADD to store it anyway"
-    )
-    return IngestResult(
-        IngestStatus.FAILED, error=error, duplicate_of_item_id=duplicate.item_id, duplicate_match=duplicate.match
-    )
-
-
 def _within_min_score(matched: MatchedItem, min_score: float | None) -> bool:
     """Return whether min_score keeps the neighbour; it never leaves out exact or near duplicates."""
     if min_score is None or matched.match.kind in (MatchKind.EXACT, MatchKind.NEAR):
         return True
     return matched.score >= min_score
-
-
-def _validate_item_id(item_id: str) -> None:
-    if len(item_id) > MAX_ITEM_ID_CHARS:
-        raise InvalidInputError(
-            f"item_id is {len(item_id)} characters long, above the limit of {MAX_ITEM_ID_CHARS}"
-        )
-    if not item_id.isprintable():
-        raise InvalidInputError(f"item_id {item_id!r} contains non-printable characters")
-    if item_id != item_id.strip():
-        raise InvalidInputError(f"item_id {item_id!r} has leading or trailing whitespace")
-
-
-def _check_image_bytes(image: bytes, max_image_bytes: int) -> None:
-    if len(image) > max_image_bytes:
-        raise TooLargeError(f"image is {len(image)} bytes, above the limit of {max_image_bytes} bytes")
-
-
-def _new_item_id() -> str:
-    return ASSIGNED_ID_PREFIX + secrets.token_hex(_ASSIGNED_ID_RANDOM_BYTES)
-
-
-def _normalised(vector: np.ndarray) -> np.ndarray | None:
-    """Return the float32 unit vector along vector, or None when it is zero or not finite."""
-    values = np.asarray(vector, dtype=np.float64)
-    norm = float(np.linalg.norm(values)) if np.all(np.isfinite(values)) else 0.0
-    if norm == 0.0 or not math.isfinite(norm):
-        return None
-    return (values / norm).astype(np.float32)
-
-
-def _unit_vector(values: Sequence[float]) -> np.ndarray:
-    """Return a given embedding as a float32 unit vector; raises InvalidInputError naming what is wrong with it."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise InvalidInputError("embedding has no values; send a vector with one value per dim")
-    if not np.all(np.isfinite(array)):
-        raise InvalidInputError("embedding contains NaN or infinite values")
-    vector = _normalised(array)
-    if vector is None:
-        raise InvalidInputError("embedding is all zeros, so it has no direction")
-    return vector
-
-
-def _failed(error: ImgsearchError) -> IngestResult:
-    return IngestResult(IngestStatus.FAILED, error=error)
-
-
-def _item_id_taken(item_id: str) -> AlreadyExistsError:
-    return AlreadyExistsError(
-        f"item_id {item_id!r} is already used by an item with other content; choose another item_id"
-    )
-
-
-def _item_id_removed(item_id: str) -> FailedPreconditionError:
-    return FailedPreconditionError(
-        f"item_id {item_id!r} belonged to a removed item, and item_ids are never reused; choose another item_id"
-    )
-
-
-def _given_vector_mismatch(model_id: str | None, dim: int | None, embedding: Embedding) -> InvalidInputError:
-    return InvalidInputError(
-        f"embedding is from model {embedding.model_id!r} with dim {embedding.vector.shape[0]}, but the collection "
-        f"contains model {model_id!r} with dim {dim}"
-    )
-
-
-def _model_mismatch(model_id: str | None, dim: int | None, embedding: Embedding) -> FailedPreconditionError:
-    return FailedPreconditionError(
-        f"the collection contains embeddings of model {model_id!r} (dim {dim}), but the embed service sent "
-        f"model {embedding.model_id!r} (dim {embedding.vector.shape[0]}); run the embed service with "
-        f"model {model_id!r} or use a new data directory"
-    )
-
-
-def _invalid_embedding_from_service() -> UnavailableError:
-    return UnavailableError("the embed service sent an embedding that is all zeros or not finite")
-
-
-def _new_item(candidate: _Candidate, embedding: Embedding) -> NewItem:
-    return NewItem(
-        item_id=candidate.item_id,
-        sha256=candidate.sha256,
-        uri=candidate.uri,
-        width=candidate.width,
-        height=candidate.height,
-        metadata=candidate.metadata,
-        vector=embedding.vector,
-        model_id=embedding.model_id,
-        fingerprint=embedding.fingerprint,
-    )
 
 
 def _neighbour(matched: MatchedItem) -> Neighbour:

@@ -1,9 +1,9 @@
 """Limits and validation of item metadata: the caller's key/value pairs, at ingest and in UpdateMetadata.
 
 Keys are non-empty printable strings (no control characters or line breaks), values any string;
-both are measured in UTF-8 bytes. Too many keys, or a key or value that is too long, is
-TooLargeError (RESOURCE_EXHAUSTED); a malformed key or a request whose fields contradict each other
-is InvalidInputError (INVALID_ARGUMENT).
+both are measured in UTF-8 bytes. Too many keys, or a key or value that is too long, raises
+TooLargeError (RESOURCE_EXHAUSTED). A malformed key, or a request whose fields contradict each
+other, raises InvalidInputError (INVALID_ARGUMENT).
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ from imgsearch_common.errors import InvalidInputError, TooLargeError
 
 @dataclasses.dataclass(frozen=True)
 class MetadataLimits:
-    """The most keys one item's metadata may have, and the longest key and value in UTF-8 bytes."""
+    """The maximum number of keys of one item's metadata, and the maximum UTF-8 bytes of a key and of a value."""
 
     max_keys: int = 64
     max_key_bytes: int = 256

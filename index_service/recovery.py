@@ -31,7 +31,7 @@ _REPAIR_CHUNK = 1000
 
 @dataclasses.dataclass(frozen=True)
 class Repair:
-    """What the consistency check changed in the indexes to make them match the store."""
+    """The changes that the consistency check made to the indexes so that they match the store."""
 
     vectors_added: int = 0
     vectors_removed: int = 0
@@ -45,7 +45,7 @@ class Repair:
 
 @dataclasses.dataclass(frozen=True)
 class RestoreReport:
-    """How restore_indexes brought the indexes up: from the snapshot or by a rebuild from the store.
+    """The outcome of restore_indexes: the source of the indexes (snapshot or store) and what was replayed or repaired.
 
     changes counts what the indexes gained beyond the snapshot file: the items and removals
     replayed after it, or every item when they were rebuilt. A new snapshot is due when it is
@@ -68,18 +68,20 @@ def capture_snapshot(
     The caller must keep adds and removals out meanwhile, so that the indexes match the store's
     high-water marks that the header records.
     """
+    vector_row_ids, vectors = vector_index.arrays()
     row_ids, phashes, versions = phash_index.arrays()
     header = SnapshotHeader(
         model_id=model_id,
         dim=dim,
         last_row_id=store.last_row_id(),
         last_removal_id=store.last_removal_id(),
-        item_count=len(vector_index),
+        item_count=len(vector_row_ids),
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
     )
     return Snapshot(
         header=header,
-        vector_index=vector_index.serialize(),
+        vector_row_ids=vector_row_ids,
+        vectors=vectors,
         phash_row_ids=row_ids,
         phash_values=phashes,
         phash_versions=versions,
@@ -164,7 +166,7 @@ def _load_snapshot(
     try:
         snapshot = snapshot_file.read_snapshot(path)
         _check_matches_store(snapshot.header, store)
-        vector_index.load(snapshot.vector_index)
+        vector_index.load(snapshot.vector_row_ids, snapshot.vectors)
         phash_index.load(snapshot.phash_row_ids, snapshot.phash_values, snapshot.phash_versions)
         _check_loaded(snapshot.header, vector_index)
     except FileNotFoundError:
@@ -183,8 +185,8 @@ def _check_matches_store(header: SnapshotHeader, store: Store) -> None:
     stored_model = (settings.get("model_id", ""), int(settings.get("dim", 0)))
     if (header.model_id, header.dim) != stored_model:
         raise SnapshotError(
-            f"the snapshot holds model {header.model_id!r} (dim {header.dim}), "
-            f"but the store holds model {stored_model[0]!r} (dim {stored_model[1]})"
+            f"the snapshot contains model {header.model_id!r} (dim {header.dim}), "
+            f"but the store contains model {stored_model[0]!r} (dim {stored_model[1]})"
         )
     if header.last_row_id > store.last_row_id() or header.last_removal_id > store.last_removal_id():
         raise SnapshotError(

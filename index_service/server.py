@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "imgsearch.index.v1.IndexService"
 
-# GetModelInfo at start-up is skipped when the embed service does not answer in time, so it gets a
+# GetModelInfo at start-up is skipped when the embed service does not respond in time, so it gets a
 # short deadline.
 _STARTUP_CHECK_TIMEOUT_S = 2.0
 
@@ -77,8 +77,8 @@ def build_server(config: IndexConfig) -> tuple[grpc.Server, health.HealthService
 def start(config: IndexConfig) -> tuple[grpc.Server, health.HealthServicer, int, Collection]:
     """Build and start a server and report it SERVING; the caller stops it and closes the collection.
 
-    Raises EmbedModelMismatchError, without serving, when the embed service answers with another
-    model than the data directory holds.
+    Raises EmbedModelMismatchError, without serving, when the embed service returns another model
+    than the data directory contains.
     """
     server, health_servicer, port, collection = build_server(config)
     try:

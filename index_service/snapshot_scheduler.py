@@ -20,7 +20,7 @@ class SnapshotScheduler:
         self._interval_s = interval_s if interval_s > 0 else None
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        # A daemon thread, so that a process that exits without stop() is not held up; a snapshot
+        # A daemon thread, so that a process that exits without stop() is not held up. A snapshot
         # interrupted that way leaves only a temporary file, which the next start deletes.
         self._thread = threading.Thread(target=self._run, name="snapshot-scheduler", daemon=True)
 

@@ -73,8 +73,8 @@ class VectorIndex:
 
     Removal has two modes. "remove_ids" deletes the vectors from the index at once; the CPU
     IndexIDMap2 supports it. A GPU index does not (GpuIndexFlat has no remove_ids), so there removed
-    row ids go into a mask: searches ask faiss for k plus the masked count and drop masked hits,
-    and once the mask holds more than max_masked row ids, needs_rebuild turns true and the owner
+    row ids go into a mask: searches ask faiss for k plus the masked count and drop masked hits.
+    Once the mask contains more than max_masked row ids, needs_rebuild turns true, and the owner
     calls rebuild() with the stored vectors. removal="auto" picks remove_ids on the CPU and the
     mask on a GPU; "mask" forces the mask, so that the GPU's path can be tested on a CPU.
     """
@@ -87,7 +87,9 @@ class VectorIndex:
         self.device = _choose_device(device)
         if self.device == "gpu" and removal == "remove_ids":
             raise ConfigError("IMGSEARCH_INDEX_REMOVAL is remove_ids, which a GPU index cannot do; use auto or mask")
-        self.removal = ("mask" if self.device == "gpu" else "remove_ids") if removal == "auto" else removal
+        if removal == "auto":
+            removal = "mask" if self.device == "gpu" else "remove_ids"
+        self.removal = removal
         self._max_masked = max_masked
         self._gpu_resources = faiss.StandardGpuResources() if self.device == "gpu" else None
         self._index = None
@@ -147,7 +149,7 @@ class VectorIndex:
     def rebuild(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> int:
         """Replace the index with one built from (row_ids, vectors) batches, clearing the mask.
 
-        The new index is built before the write lock is taken, so searches go on meanwhile; the
+        The new index is built before the write lock is taken, so searches go on meanwhile. The
         caller must keep adds and removals out until this returns. Returns the vector count.
         """
         index = None
@@ -165,36 +167,36 @@ class VectorIndex:
         log.info("vector_index_rebuilt", item_count=count, masked_dropped=masked)
         return count
 
-    def serialize(self) -> np.ndarray:
-        """Return the index as faiss's serialization (a uint8 array), without the masked vectors.
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return copies of the row ids (int64, shape (n,)) and vectors (float32, shape (n, dim)) in the index.
 
-        An empty index gives an empty array. The bytes load on the CPU or a GPU alike.
+        Masked row ids are left out. An empty index returns arrays of shape (0,) and (0, 0).
         """
         with self._lock.reading():
             if self._index is None:
-                return np.empty(0, dtype=np.uint8)
+                return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
             index = self._index if self._gpu_resources is None else faiss.index_gpu_to_cpu(self._index)
-            if self._masked:
-                if index is self._index:
-                    index = faiss.clone_index(index)
-                index.remove_ids(faiss.IDSelectorBatch(np.array(sorted(self._masked), dtype=np.int64)))
-            return faiss.serialize_index(index)
+            row_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+            vectors = _flat_vectors(faiss.downcast_index(index.index))
+            masked = frozenset(self._masked)
+        if masked:
+            keep = ~np.isin(row_ids, np.fromiter(masked, dtype=np.int64))
+            row_ids, vectors = row_ids[keep], vectors[keep]
+        return row_ids, vectors
 
-    def load(self, serialized: np.ndarray) -> None:
-        """Replace the index with one that serialize() returned, clearing the mask.
+    def load(self, row_ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the index with one of the given row ids and vectors, as arrays() returned them, clearing the mask.
 
-        Raises ValueError when the bytes are not a serialized IndexIDMap2 over IndexFlatIP.
+        Vectors of shape (0, 0) leave the index empty, with no dim. Raises ValueError for arrays of
+        other lengths or shapes.
         """
+        ids, xb = _checked_batch(row_ids, vectors)
         index = None
-        if len(serialized):
-            try:
-                index = faiss.deserialize_index(np.ascontiguousarray(serialized, dtype=np.uint8))
-            except RuntimeError as error:
-                raise ValueError(f"the serialized index cannot be read: {error}") from error
-            if not isinstance(index, faiss.IndexIDMap2) or not isinstance(
-                faiss.downcast_index(index.index), faiss.IndexFlatIP
-            ):
-                raise ValueError(f"the serialized index is a {type(index).__name__}, not {INDEX_TYPE} (inner product)")
+        if xb.shape[1] > 0:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
+            index.add_with_ids(xb, ids)
+        elif len(ids):
+            raise ValueError(f"got {len(ids)} row ids but vectors of dim 0")
         device_index = None if index is None else self._on_device(index)
         with self._lock.writing():
             self._index = device_index
@@ -277,7 +279,8 @@ class VectorIndex:
     def _on_device(self, index):
         if self._gpu_resources is None:
             return index
-        # NOTE: this GPU path has never run, because the machines it was written on have no GPU.
+        # NOTE: the GPU paths (this copy, the copy back in arrays(), and removal by mask with a GPU
+        # index) have never run on a GPU; the tests force the mask on the CPU.
         # faiss GPU indexes reject k above GPU_MAX_SELECTION_K (2048 in faiss/gpu/utils/DeviceDefs.cuh)
         # unless faiss is built with cuVS, so MAX_K must stay at or below that on a GPU.
         return faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
@@ -290,6 +293,13 @@ def _choose_device(device: str) -> str:
     if device == "auto":
         return "gpu" if gpus > 0 else "cpu"
     return device
+
+
+def _flat_vectors(flat) -> np.ndarray:
+    """Return a copy of the vectors of an IndexFlat, read from its storage rather than decoded one by one."""
+    if flat.ntotal == 0:
+        return np.empty((0, flat.d), dtype=np.float32)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d).copy()
 
 
 def _checked_batch(row_ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

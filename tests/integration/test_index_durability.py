@@ -1,7 +1,7 @@
 """The index service as a child process on 127.0.0.1: kill -9 at seeded moments, SIGTERM mid-stream, restarts.
 
 The embed service is a fake in this test process. Every item that the service acknowledged must
-survive a kill with its own metadata, stored once, and every removal too; items sent but not
+survive a kill with its own metadata, stored once, and every removal too. Items sent but not
 acknowledged may or may not be stored, and sending them again must work either way.
 """
 
@@ -33,7 +33,7 @@ _CALL_TIMEOUT_S = 30.0
 _START_TIMEOUT_S = 30.0
 _REPOSITORY = Path(__file__).resolve().parents[2]
 _CORPUS_SIZE = 2000
-# Items sent ahead of their answers, as the client library's default window allows.
+# Items sent ahead of their responses, as the client library's default window allows.
 _IN_FLIGHT = 64
 
 ADDED = index_service_pb2.INGEST_STATUS_ADDED
@@ -193,7 +193,7 @@ class _Corpus:
 def _ingest_until(
     service: IndexProcess, corpus: _Corpus, kill_after: int | None, before_kill=lambda: None
 ) -> list[int]:
-    """Stream the pending items, at most _IN_FLIGHT ahead of their answers, and kill the service after kill_after answers.
+    """Stream the pending items, at most _IN_FLIGHT ahead of their responses, and kill the service after kill_after responses.
 
     kill_after None streams every pending item. before_kill runs just before the kill. Returns the
     items sent without an acknowledgement.
@@ -373,7 +373,7 @@ def test_sigterm_drains_stream_and_saves_snapshot(start_process, embed_service, 
     assert stats.item_count == 120
 
 
-def test_start_refused_for_other_model(start_process, embed_service):
+def test_start_rejected_for_other_model(start_process, embed_service):
     first = start_process().connect()
     [response] = list(first.stub.IngestImages(iter([_Corpus(1, seed=9).request(0)]), timeout=_CALL_TIMEOUT_S))
     assert response.status == ADDED
@@ -381,12 +381,49 @@ def test_start_refused_for_other_model(start_process, embed_service):
     assert first.exit_status() == 0
     embed_service.servicer.model_id = "other-clip"
 
-    refused = start_process()
+    rejected = start_process()
 
-    assert refused.exit_status() != 0
-    refused._reader.join(timeout=5)
-    message = "\n".join(refused.lines)
+    assert rejected.exit_status() != 0
+    rejected._reader.join(timeout=5)
+    message = "\n".join(rejected.lines)
     assert "index_service: cannot start:" in message
-    assert "holds embeddings of model 'fake-clip' (dim 16)" in message
+    assert "contains embeddings of model 'fake-clip' (dim 16)" in message
     assert "runs model 'other-clip' (dim 16)" in message
-    assert "server_started" not in refused.event_names()
+    assert "server_started" not in rejected.event_names()
+
+
+# A child process that serves with serve_until_signalled, and sends SIGTERM to one of its own
+# non-main threads, which the kernel may also pick for a SIGTERM sent to the process.
+_SIGNAL_TO_OTHER_THREAD = """
+import signal, threading, time
+from imgsearch_common.serving import add_health_and_reflection, create_server, serve_until_signalled
+
+server = create_server(max_workers=2, max_message_bytes=1024 * 1024)
+health = add_health_and_reflection(server, [])
+server.add_insecure_port("127.0.0.1:0")
+server.start()
+ready = threading.Event()
+
+def idle():
+    ready.set()
+    time.sleep(60)
+
+thread = threading.Thread(target=idle, daemon=True)
+thread.start()
+ready.wait()
+threading.Timer(0.5, signal.pthread_kill, (thread.ident, signal.SIGTERM)).start()
+serve_until_signalled(server, health, [], grace_seconds=0, on_stop=lambda: print("stopped", flush=True))
+"""
+
+
+def test_stop_signal_caught_by_another_thread():
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_TO_OTHER_THREAD], cwd=_REPOSITORY, capture_output=True, text=True,
+        timeout=_START_TIMEOUT_S,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    # structlog, not configured in the script, writes its lines to stdout as well.
+    assert "stopped" in completed.stdout.splitlines()
+    assert time.monotonic() - started < 15

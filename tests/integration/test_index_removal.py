@@ -358,7 +358,7 @@ def test_cli_update_metadata_bad_command_line(arguments, message, capsys):
 # Start-up model check
 
 
-def test_start_refused_when_embed_service_runs_other_model(start_index, index, embed_service):
+def test_start_rejected_for_other_model(start_index, index, embed_service):
     index.stop()
     embed_service.servicer.model_id = "other-clip"
 

@@ -456,7 +456,7 @@ def test_check_embedder_rejects_other_model(open_collection):
     with pytest.raises(EmbedModelMismatchError) as raised:
         second.check_embedder(timeout_s=1.0)
 
-    assert "holds embeddings of model 'fake-clip' (dim 16)" in str(raised.value)
+    assert "contains embeddings of model 'fake-clip' (dim 16)" in str(raised.value)
     assert "runs model 'other-clip' (dim 16)" in str(raised.value)
 
 

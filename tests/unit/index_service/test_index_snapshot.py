@@ -24,10 +24,10 @@ _HEADER = SnapshotHeader(
 
 
 def _snapshot() -> Snapshot:
-    rng = np.random.default_rng(1)
     return Snapshot(
         header=_HEADER,
-        vector_index=rng.integers(0, 256, size=1000, dtype=np.uint8),
+        vector_row_ids=np.array([3, 7, 42], dtype=np.int64),
+        vectors=np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32),
         phash_row_ids=np.array([3, 7, 42], dtype=np.int64),
         phash_values=np.array([0, 2**63, 2**64 - 1], dtype=np.uint64),
         phash_versions=np.array([1, 1, 2], dtype=np.uint32),
@@ -41,7 +41,7 @@ def path(tmp_path):
 
 def _assert_same(read: Snapshot, written: Snapshot) -> None:
     assert read.header == written.header
-    for field in ("vector_index", "phash_row_ids", "phash_values", "phash_versions"):
+    for field in ("vector_row_ids", "vectors", "phash_row_ids", "phash_values", "phash_versions"):
         assert getattr(read, field).dtype == getattr(written, field).dtype
         np.testing.assert_array_equal(getattr(read, field), getattr(written, field))
 
@@ -57,7 +57,8 @@ def test_round_trip(path):
 def test_round_trip_of_empty_sections(path):
     empty = Snapshot(
         header=dataclasses.replace(_HEADER, item_count=0),
-        vector_index=np.empty(0, dtype=np.uint8),
+        vector_row_ids=np.empty(0, dtype=np.int64),
+        vectors=np.empty((0, 0), dtype=np.float32),
         phash_row_ids=np.empty(0, dtype=np.int64),
         phash_values=np.empty(0, dtype=np.uint64),
         phash_versions=np.empty(0, dtype=np.uint32),
@@ -94,10 +95,10 @@ def test_truncated_file(path):
 def test_flipped_byte_fails_checksum(path):
     write_snapshot(path, _snapshot())
     data = bytearray(path.read_bytes())
-    data[-500] ^= 0xFF  # inside the vector_index section, which the 60 bytes of pHash arrays follow
+    data[-100] ^= 0xFF  # inside the vectors section (192 bytes), which the 60 bytes of pHash arrays follow
     path.write_bytes(bytes(data))
 
-    with pytest.raises(SnapshotError, match="section vector_index .* CRC-32"):
+    with pytest.raises(SnapshotError, match="section vectors .* CRC-32"):
         read_snapshot(path)
 
 
@@ -158,3 +159,11 @@ def test_remove_temp_file(path):
     assert remove_temp_file(path)
     assert not temp.exists()
     assert not remove_temp_file(path)
+
+
+def test_vectors_not_matching_dim(path):
+    write_snapshot(path, _snapshot())
+    _rewrite_header(path, lambda header: header.update(dim=5))
+
+    with pytest.raises(SnapshotError, match="48 vector components, which is no multiple of its dim 5"):
+        read_snapshot(path)

@@ -465,7 +465,7 @@ def test_batches_after_row_id(store):
     assert phash_row_ids == [4, 5]
 
 
-def test_old_store_migration_keeps_row_id_high_water_mark(tmp_path):
+def test_migration_keeps_last_row_id(tmp_path):
     write_old_store(tmp_path, [np.ones(4), np.arange(4), np.full(4, 2.0)])
     with sqlite3.connect(tmp_path / FILE_NAME) as connection:
         connection.execute("DELETE FROM items WHERE item_id = 'old-2'")

@@ -259,7 +259,7 @@ def test_removed_vectors_not_found(removal):
         index.vectors(np.array([1, 2]))
 
 
-def test_search_never_returns_masked_row_ids_with_small_k():
+def test_mask_hides_nearest_hits():
     index = VectorIndex(device="cpu", removal="mask")
     database = _unit_vectors(50, seed=25)
     index.add(np.arange(50), database)
@@ -312,54 +312,72 @@ def test_rebuild_from_no_batches_empties_index():
     assert index.dim is None
 
 
-# Serialization
+# Copying out and loading back, as snapshots do
 
 
-def test_serialize_round_trip(removal):
+def test_arrays_and_load_round_trip(removal):
     index = VectorIndex(device="cpu", removal=removal)
     database = _unit_vectors(30, seed=28)
     index.add(np.arange(100, 130), database)
     index.remove(np.array([105, 110]))
 
+    row_ids, vectors = index.arrays()
     loaded = VectorIndex(device="cpu", removal=removal)
-    loaded.load(index.serialize())
+    loaded.load(row_ids, vectors)
 
+    kept = ~np.isin(np.arange(100, 130), [105, 110])
+    assert row_ids.dtype == np.int64
+    assert vectors.dtype == np.float32
+    assert sorted(row_ids.tolist()) == np.arange(100, 130)[kept].tolist()
+    np.testing.assert_array_equal(vectors[np.argsort(row_ids)], database[kept])
     assert loaded.row_ids().tolist() == index.row_ids().tolist()
     assert loaded.masked_count == 0
     assert loaded.dim == _DIM
     queries = _unit_vectors(3, seed=29)
     assert loaded.search(queries, k=5) == index.search(queries, k=5)
-    np.testing.assert_array_equal(loaded.vectors(np.array([101, 129])), database[[1, 29]])
 
 
-def test_serialize_keeps_masked_vectors_in_live_index():
+def test_arrays_keep_masked_vectors_in_live_index():
     index = VectorIndex(device="cpu", removal="mask")
     index.add(np.arange(1, 4), _unit_vectors(3, seed=30))
     index.remove(np.array([2]))
 
-    index.serialize()
+    row_ids, _ = index.arrays()
 
+    assert row_ids.tolist() == [1, 3]
     assert index.masked_count == 1
     assert index.row_ids().tolist() == [1, 3]
 
 
-def test_serialize_of_empty_index():
-    loaded = VectorIndex(device="cpu")
-    loaded.load(VectorIndex(device="cpu").serialize())
+def test_arrays_of_empty_indexes():
+    row_ids, vectors = VectorIndex(device="cpu").arrays()
+    emptied = VectorIndex(device="cpu")
+    emptied.add(np.array([1]), _unit_vectors(1, seed=31))
+    emptied.remove(np.array([1]))
 
-    assert loaded.dim is None
-    assert len(loaded) == 0
+    assert (row_ids.shape, vectors.shape) == ((0,), (0, 0))
+    assert emptied.arrays()[1].shape == (0, _DIM)
+
+
+def test_load_of_empty_arrays_empties_index():
+    index = VectorIndex(device="cpu")
+    index.add(np.array([1]), _unit_vectors(1, seed=32))
+
+    index.load(np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32))
+
+    assert index.dim is None
+    assert len(index) == 0
 
 
 @pytest.mark.parametrize(
-    "serialized",
+    ("row_ids", "vectors", "message"),
     [
-        np.frombuffer(b"not a faiss index at all", dtype=np.uint8),
-        faiss.serialize_index(faiss.IndexFlatIP(4)),
-        faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexFlatL2(4))),
+        (np.array([1, 2]), _unit_vectors(3, seed=33), "expected 2 vectors"),
+        (np.array([1]), np.empty((1, 0), dtype=np.float32), "vectors of dim 0"),
+        (np.array([1]), np.ones(4, dtype=np.float32), "2-d array"),
     ],
-    ids=["garbage", "no-id-map", "l2-metric"],
+    ids=["count", "no-dim", "one-dimensional"],
 )
-def test_load_rejects_other_bytes(serialized):
-    with pytest.raises(ValueError, match="serialized index"):
-        VectorIndex(device="cpu").load(serialized)
+def test_load_rejects_bad_arrays(row_ids, vectors, message):
+    with pytest.raises(ValueError, match=message):
+        VectorIndex(device="cpu").load(row_ids, vectors)
