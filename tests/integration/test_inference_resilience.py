@@ -261,7 +261,7 @@ def test_stream_deadline_exceeded_after_earlier_items(standin, start_service):
 
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as raised:
-        for response in service.stub.EmbedImages(iter(requests), timeout=1.0):
+        for response in service.stub.EmbedImages(iter(requests), timeout=3.0):
             received.append(response)
     elapsed = time.monotonic() - started
 
@@ -269,7 +269,7 @@ def test_stream_deadline_exceeded_after_earlier_items(standin, start_service):
     assert [response.correlation_id for response in received] == ["0", "1"]
     _assert_embedding_of(received[0], images[0])
     _assert_embedding_of(received[1], images[1])
-    assert elapsed < 2.0
+    assert elapsed < 4.5
 
 
 def test_concurrent_streams_bounded(standin, start_service):
