@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subcommands)
     _add_ingest(subcommands)
     _add_search(subcommands)
-    dupes.add_arguments(_subparser(subcommands, "dupes", "find groups of exact, near or similar duplicates"),
-                        DEFAULT_INDEX_ADDR)
+    duplicates = _subparser(subcommands, "dupes", "find groups of exact, near or similar duplicates")
+    dupes.add_arguments(duplicates, DEFAULT_INDEX_ADDR)
+    _add_connection(duplicates)
     stats = _add_simple(subcommands, "stats", "print the collection's item count, dim and model", DEFAULT_INDEX_ADDR)
     _add_connection(stats)
     health = _add_simple(
@@ -205,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "search":
         return commands.search(args, _connection(args, os.environ))
     if args.command == "dupes":
-        return dupes.run(args)
+        return dupes.run(args, _connection(args, os.environ))
     if args.command == "stats":
         return commands.stats(args.addr, as_json=args.json, timeout_s=args.timeout,
                               connection=_connection(args, os.environ))

@@ -19,9 +19,8 @@ from imgsearch_client.client import (
     DuplicateGroup,
     DuplicatesProgress,
     DuplicatesSummary,
-    IndexClient,
 )
-from imgsearch_client.commands import CommandError
+from imgsearch_client.commands import CommandError, Connection
 
 MAX_PHASH_DISTANCE = 64
 CSV_COLUMNS = (
@@ -99,7 +98,7 @@ def non_negative_float(value: str) -> float:
     return number
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, connection: Connection | None = None) -> int:
     """Run `imgsearch dupes` with parsed arguments and print or write the groups found."""
     criteria = DuplicateCriteria(
         kinds=args.kinds or (),
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         max_local_difference=args.max_local_difference,
         min_score=args.min_score,
     )
-    result = find_duplicates(args.addr, criteria, args.timeout)
+    result = find_duplicates(args.addr, criteria, args.timeout, connection or Connection())
 
     if args.html is not None:
         _write_html(args.html, result, criteria, args.addr)
@@ -122,11 +121,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_duplicates(addr: str, criteria: DuplicateCriteria, timeout_s: float | None) -> DuplicatesResult:
+def find_duplicates(
+    addr: str, criteria: DuplicateCriteria, timeout_s: float | None, connection: Connection | None = None
+) -> DuplicatesResult:
     """Call FindDuplicates, showing its progress on stderr, and collect the groups and the summary."""
     groups: list[DuplicateGroup] = []
     summary: DuplicatesSummary | None = None
-    with IndexClient(addr) as client, tqdm(unit="item", desc="dupes", file=sys.stderr) as bar:
+    client = (connection or Connection()).client(addr)
+    with client, tqdm(unit="item", desc="dupes", file=sys.stderr) as bar:
         try:
             for event in client.find_duplicates(criteria, timeout_s=timeout_s):
                 if isinstance(event, DuplicatesProgress):

@@ -208,6 +208,23 @@ def test_cli_stats_and_search_with_tls_and_token(services, pki, monkeypatch, cap
     assert ingested[-1]["failed"] == 0
 
 
+def test_cli_dupes_remove_and_update_with_tls_and_token(services, pki, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("IMGSEARCH_TOKEN", INDEX_TOKEN)
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.user.cert), "--tls-key", str(pki.user.key)]
+    image = tmp_path / "image.png"
+    image.write_bytes(noise_images(1, seed=44)[0])
+    assert cli.main(["ingest", "--addr", services.index_addr, "--json", *tls, str(image)]) == 0
+    item_id = json.loads(capsys.readouterr().out.splitlines()[0])["item_id"]
+
+    assert cli.main(["dupes", "--addr", services.index_addr, "--json", *tls]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert cli.main(["update-metadata", "--addr", services.index_addr, "--json", *tls, item_id, "--set", "a=b"]) == 0
+    capsys.readouterr()
+    assert cli.main(["remove", "--addr", services.index_addr, "--json", *tls, item_id]) == 0
+
+    assert audit["summary"]["item_count"] >= 1
+
+
 def test_cli_health_with_tls_env(services, pki, monkeypatch, capsys):
     monkeypatch.setenv("IMGSEARCH_TLS_CA", str(pki.ca))
     monkeypatch.setenv("IMGSEARCH_TLS_CERT", str(pki.user.cert))
