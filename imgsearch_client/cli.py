@@ -67,16 +67,21 @@ def _add_serve(subcommands) -> None:
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     embed = _subparser(services, "embed", "run the embed service (settings: IMGSEARCH_EMBED_* env vars)",
                        "the service failed to start")
-    embed.add_argument("--listen", type=listen_address, help=f"HOST:PORT to listen on [env default: {DEFAULT_EMBED_ADDR}]")
-    embed.add_argument("--backend", choices=["onnx", "inference", "hash"], help="embedding backend [env default: onnx]")
-    embed.add_argument("--model-dir", help="folder with visual.onnx, for the onnx backend "
+    # No defaults here: an option left out keeps the value of the env var or the config's default.
+    embed.add_argument("--listen", default=argparse.SUPPRESS, type=listen_address,
+                       help=f"HOST:PORT to listen on [env default: {DEFAULT_EMBED_ADDR}]")
+    embed.add_argument("--backend", default=argparse.SUPPRESS, choices=["onnx", "inference", "hash"],
+                       help="embedding backend [env default: onnx]")
+    embed.add_argument("--model-dir", default=argparse.SUPPRESS, help="folder with visual.onnx, for the onnx backend "
                                            "[env default: models/tiny-clip-random]")
     index = _subparser(services, "index", "run the index service (settings: IMGSEARCH_INDEX_* env vars)",
                        "the service failed to start")
-    index.add_argument("--listen", type=listen_address, help=f"HOST:PORT to listen on [env default: {DEFAULT_INDEX_ADDR}]")
-    index.add_argument("--embed-addr", type=host_port,
+    index.add_argument("--listen", default=argparse.SUPPRESS, type=listen_address,
+                       help=f"HOST:PORT to listen on [env default: {DEFAULT_INDEX_ADDR}]")
+    index.add_argument("--embed-addr", default=argparse.SUPPRESS, type=host_port,
                        help=f"HOST:PORT of the embed service [env default: {DEFAULT_EMBED_ADDR}]")
-    index.add_argument("--data-dir", help="folder of the durable store [env default: data/index]")
+    index.add_argument("--data-dir", default=argparse.SUPPRESS,
+                       help="folder of the durable store [env default: data/index]")
 
 
 def _add_ingest(subcommands) -> None:
@@ -190,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away, as `imgsearch stats | head -1` does; Python would print a
+        # traceback when it flushes stdout at exit, so stdout is pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -111,8 +111,9 @@ class _Services:
         self._start("index", ["--listen", self.index_addr, "--embed-addr", self.embed_addr,
                               "--data-dir", str(data_dir)])
         try:
-            self._wait_serving(self.embed_addr)
-            self._wait_serving(self.index_addr)
+            # Each check names its service, so that another server that took a port first cannot pass it.
+            self._wait_serving(self.embed_addr, "imgsearch.embed.v1.EmbedService")
+            self._wait_serving(self.index_addr, "imgsearch.index.v1.IndexService")
         except BaseException:
             self._stop()
             raise
@@ -129,14 +130,14 @@ class _Services:
         log_file.close()
         print(f"started {service} service: pid {self._processes[-1].pid}, log {self._out / (service + '.log')}")
 
-    def _wait_serving(self, addr: str) -> None:
+    def _wait_serving(self, addr: str, service: str) -> None:
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             for process in self._processes:
                 if process.poll() is not None:
                     raise RuntimeError(f"a service exited with status {process.returncode}; see {self._out}/*.log")
             try:
-                if check_health(addr, timeout_s=2.0) == "SERVING":
+                if check_health(addr, service, timeout_s=2.0) == "SERVING":
                     return
             except ClientError:
                 pass
