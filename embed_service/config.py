@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from imgsearch_common.config import ConfigError, EnvReader
+from imgsearch_common.metrics import parse_listen
 from imgsearch_common.security import optional_path, server_credentials, token_from_env
 
 ENV_PREFIX = "IMGSEARCH_EMBED_"
@@ -64,6 +65,8 @@ class EmbedConfig:
     tls_client_ca: Path | None = None
     # Bearer token that every RPC except health checks must send. Empty: no token check. Kept out of repr.
     auth_token: str = dataclasses.field(default="", repr=False)
+    # HTTP address, as host:port, that serves Prometheus metrics at /metrics. Empty: no metrics server.
+    metrics_listen: str = ""
 
     def __post_init__(self):
         # Also runs on dataclasses.replace(), so CLI overrides are checked like env vars.
@@ -103,7 +106,10 @@ def from_env(environ: Mapping[str, str]) -> EmbedConfig:
         tls_key=optional_path(env, "TLS_KEY"),
         tls_client_ca=optional_path(env, "TLS_CLIENT_CA"),
         auth_token=token_from_env(env, ENV_PREFIX, "AUTH_TOKEN"),
+        metrics_listen=env.str("METRICS_LISTEN", _DEFAULTS.metrics_listen),
     )
+    if config.metrics_listen:
+        parse_listen(f"{ENV_PREFIX}METRICS_LISTEN", config.metrics_listen)
     _check_text_settings(config)
     # Reads the TLS files now, so that a missing or malformed one fails here with its setting's name.
     server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)

@@ -1,6 +1,7 @@
 """Assembly of the embed service's gRPC server: backend, servicer, health, reflection, shutdown."""
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -14,6 +15,7 @@ from embed_service.config import ENV_PREFIX, EmbedConfig
 from embed_service.servicer import SERVICE_NAME, EmbedServicer
 from imgsearch.embed.v1 import embed_service_pb2_grpc
 from imgsearch_common.errors import ImgsearchError, UnavailableError
+from imgsearch_common.metrics import ServiceMetrics, serve_metrics
 from imgsearch_common.security import server_credentials
 from imgsearch_common.serving import (
     add_health_and_reflection,
@@ -32,11 +34,14 @@ def build_server(config: EmbedConfig) -> tuple[grpc.Server, health.HealthService
     Health stays NOT_SERVING until the backend's check_ready() passes, and follows the backend
     from then on (see BackendHealth). A background thread probes the backend every
     config.health_interval_s seconds, and closes the backend once the server has terminated.
-    Raises RuntimeError when config.listen cannot be bound, and ConfigError when a TLS file cannot be used.
+    A non-empty config.metrics_listen serves Prometheus metrics there until the server terminates.
+    Raises RuntimeError when config.listen or config.metrics_listen cannot be bound, and ConfigError
+    when a TLS file cannot be used.
     """
     credentials = server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)
-    embedder = create_embedder(config)
-    server = create_server(config.max_workers, config.max_message_bytes, config.auth_token)
+    metrics = ServiceMetrics()
+    embedder = MeteredEmbedder(create_embedder(config), metrics, config.backend)
+    server = create_server(config.max_workers, config.max_message_bytes, config.auth_token, metrics)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     backend_health = BackendHealth(
         embedder, health_servicer, config.health_interval_s, config.health_failure_threshold
@@ -60,6 +65,12 @@ def build_server(config: EmbedConfig) -> tuple[grpc.Server, health.HealthService
     server.start()
     watcher = threading.Thread(target=backend_health.watch, args=(server,), name="embed-health", daemon=True)
     watcher.start()
+    try:
+        serve_metrics(config.metrics_listen, metrics, server)
+    except RuntimeError:
+        # Stopping the server ends the health thread, which closes the embedder.
+        server.stop(None)
+        raise
     return server, health_servicer, port
 
 
@@ -178,6 +189,36 @@ class HealthRecordingEmbedder:
             raise
         self._backend_health.record_results(results)
         return results
+
+    def check_ready(self) -> None:
+        self._embedder.check_ready()
+
+    def close(self) -> None:
+        self._embedder.close()
+
+
+class MeteredEmbedder:
+    """An embedder that delegates to another and records each embed call's duration and image count, by backend."""
+
+    def __init__(self, embedder: Embedder, metrics: ServiceMetrics, backend: str):
+        self._embedder = embedder
+        self._embed_duration = metrics.histogram(
+            "imgsearch_embed_duration_seconds", "Duration in seconds of one backend embed call, by backend.", ["backend"]
+        ).labels(backend)
+        self._images_embedded = metrics.counter(
+            "imgsearch_embed_images", "Images sent to the backend to embed, by backend.", ["backend"]
+        ).labels(backend)
+
+    def info(self) -> ModelInfo:
+        return self._embedder.info()
+
+    def embed_images(self, images: list[bytes], timeout_s: float) -> list[np.ndarray | ImgsearchError]:
+        started = time.perf_counter()
+        try:
+            return self._embedder.embed_images(images, timeout_s)
+        finally:
+            self._embed_duration.observe(time.perf_counter() - started)
+            self._images_embedded.inc(len(images))
 
     def check_ready(self) -> None:
         self._embedder.check_ready()

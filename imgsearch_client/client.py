@@ -224,6 +224,10 @@ class IndexClient:
                     raise slot.error
                 yield slot if isinstance(slot, IngestOutcome) else _outcome_from_proto(_next_response(responses))
                 stream.release_slot()
+            # Every item has its outcome. Reading the stream to its end lets the server's handler finish
+            # with OK; cancelling it now would log the call as CANCELLED.
+            for _ in responses:
+                pass
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
         finally:

@@ -44,6 +44,18 @@ def request_id_of(context: grpc.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Return metadata that passes the current RPC's request id on to a call this server makes.
+
+    The id is the one RpcLogInterceptor bound in structlog's contextvars, so the call must be made
+    on the handler's thread. Outside an RPC, as in a start-up check, there is no id and the tuple is empty.
+    """
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if not request_id:
+        return ()
+    return ((REQUEST_ID_KEY, request_id),)
+
+
 class _Counter:
     def __init__(self, iterator):
         self._iterator = iterator

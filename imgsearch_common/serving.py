@@ -10,6 +10,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imgsearch_common.metrics import ServiceMetrics
 from imgsearch_common.rpc_log import RpcLogInterceptor
 from imgsearch_common.security import BearerTokenInterceptor, warn_if_exposed
 from imgsearch_common.stream_limit import StreamLimitInterceptor
@@ -30,7 +31,9 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def create_server(max_workers: int, max_message_bytes: int, auth_token: str = "") -> grpc.Server:
+def create_server(
+    max_workers: int, max_message_bytes: int, auth_token: str = "", metrics: ServiceMetrics | None = None
+) -> grpc.Server:
     """Create a server with a bounded thread pool, raised message limits and one log line per RPC.
 
     SO_REUSEPORT is off, so a second server on a port that is in use fails to start instead of
@@ -41,9 +44,12 @@ def create_server(max_workers: int, max_message_bytes: int, auth_token: str = ""
     RESOURCE_EXHAUSTED. With max_workers of 2 or more, idle streams can never take the last thread,
     and health checks and other unary calls still run. gRPC's maximum_concurrent_rpcs cannot do this
     because it counts health checks too; it only rejects calls beyond max_workers * 4 in all.
+    When metrics is given, every RPC but health checks is counted and timed in it.
     """
-    # The log interceptor comes first, so that it wraps and logs the RPCs that the token check rejects.
-    interceptors = [RpcLogInterceptor()] + ([BearerTokenInterceptor(auth_token)] if auth_token else [])
+    # The log and metrics interceptors come first, so that they wrap and record the RPCs that the
+    # token check rejects.
+    interceptors = [RpcLogInterceptor()] + ([metrics.interceptor()] if metrics else [])
+    interceptors += [BearerTokenInterceptor(auth_token)] if auth_token else []
     interceptors.append(StreamLimitInterceptor(max(1, max_workers - 1)))
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from imgsearch_common.config import ConfigError, EnvReader
+from imgsearch_common.metrics import parse_listen
 from imgsearch_common.security import channel_credentials, optional_path, server_credentials, token_from_env
 from index_service.duplicates import MAX_PHASH_DISTANCE
 from index_service.vector_index import REMOVAL_MODES
@@ -73,6 +74,8 @@ class IndexConfig:
     max_metadata_keys: int = 64
     max_metadata_key_bytes: int = 256
     max_metadata_value_bytes: int = 4096
+    # HTTP address, as host:port, that serves Prometheus metrics at /metrics. Empty: no metrics server.
+    metrics_listen: str = ""
 
 
 def from_env(environ: Mapping[str, str]) -> IndexConfig:
@@ -119,7 +122,10 @@ def from_env(environ: Mapping[str, str]) -> IndexConfig:
         max_metadata_keys=env.int("MAX_METADATA_KEYS", default.max_metadata_keys, minimum=1),
         max_metadata_key_bytes=env.int("MAX_METADATA_KEY_BYTES", default.max_metadata_key_bytes, minimum=1),
         max_metadata_value_bytes=env.int("MAX_METADATA_VALUE_BYTES", default.max_metadata_value_bytes, minimum=0),
+        metrics_listen=env.str("METRICS_LISTEN", default.metrics_listen),
     )
+    if config.metrics_listen:
+        parse_listen(f"{ENV_PREFIX}METRICS_LISTEN", config.metrics_listen)
     _check_consistency(config)
     # Reads the TLS files now, so that a missing or malformed one fails here with its setting's name.
     server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)

@@ -11,6 +11,7 @@ from imgsearch.common.v1 import common_pb2
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import errors
 from imgsearch_common.fingerprints import FINGERPRINT_VERSION, LAYOUT_BYTES, Fingerprint
+from imgsearch_common.rpc_log import outgoing_metadata
 from imgsearch_common.security import open_channel
 from imgsearch_common.serving import message_size_options
 from index_service.embedder import Embedding, ModelInfo
@@ -52,7 +53,9 @@ class EmbedClient:
     def model_info(self, timeout_s: float) -> ModelInfo:
         """Return the embed service's model. Raises UnavailableError or DeadlineExceededError."""
         try:
-            response = self._stub.GetModelInfo(embed_service_pb2.GetModelInfoRequest(), timeout=timeout_s)
+            response = self._stub.GetModelInfo(
+                embed_service_pb2.GetModelInfoRequest(), timeout=timeout_s, metadata=outgoing_metadata()
+            )
         except grpc.RpcError as error:
             raise _call_error(error, "GetModelInfo") from error
         return ModelInfo(model_id=response.model_id, dim=response.dim, backend=response.backend)
@@ -72,7 +75,7 @@ class EmbedClient:
         outputs: list[Embedding | errors.ImgsearchError] = []
         ignored_fingerprints: list[str] = []
         try:
-            for response in self._stub.EmbedImages(iter(requests), timeout=timeout_s):
+            for response in self._stub.EmbedImages(iter(requests), timeout=timeout_s, metadata=outgoing_metadata()):
                 if len(outputs) == len(images):
                     log.warning("embed_response_unexpected", images=len(images))
                     continue
