@@ -1,8 +1,8 @@
 """Variants of a photo for the duplicate benchmark: exact copies, near copies and near-miss distractors.
 
-Exact kinds keep every displayed pixel (lossless re-encodes, metadata changes, an EXIF-rotated copy);
-near kinds are lossy or lightly edited copies; distractors change one visible object, so they are
-different pictures that only look alike; flips and 180-degree turns are reported on their own.
+Exact kinds keep every displayed pixel (lossless re-encodes, metadata changes, an EXIF-rotated copy).
+Near kinds are lossy or lightly edited copies. Distractors change one visible object, so they are
+different pictures that only look alike. Flips and 180-degree turns are reported on their own.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""What each `imgsearch` subcommand does, over the client library; cli.py only parses arguments."""
+"""The `imgsearch` subcommands, built on the client library; cli.py only parses their arguments."""
 
 import collections
 import dataclasses
@@ -63,7 +63,7 @@ class MetadataChange:
 
 @dataclasses.dataclass(frozen=True)
 class DuplicatePolicy:
-    """What ingest asks the server to do with duplicates; empty strings take the server's defaults."""
+    """The duplicate policy that ingest sends; empty strings take the server's defaults."""
 
     on_duplicate: str = ""
     duplicate_match: str = ""

@@ -36,10 +36,10 @@ def locate_coco128(dataset: str, cache_dir: pathlib.Path, url: str = COCO128_URL
 
 
 def check_coco128(folder: pathlib.Path) -> None:
-    """Check that folder holds 128 JPEG files that decode."""
+    """Check that folder contains 128 JPEG files that decode."""
     images = sorted(folder.glob("*.jpg"))
     if len(images) != COCO128_IMAGE_COUNT:
-        raise DatasetError(f"{folder} holds {len(images)} .jpg files, expected {COCO128_IMAGE_COUNT}")
+        raise DatasetError(f"{folder} contains {len(images)} .jpg files, expected {COCO128_IMAGE_COUNT}")
     for path in images:
         decode_rgb(path.read_bytes(), _MAX_PIXELS)
 

@@ -91,7 +91,7 @@ _FORMAT_BY_FTYP_BRAND = {
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
-    """What the header of an image file says, with width and height after EXIF orientation."""
+    """The format and size that an image file's header gives, with width and height after EXIF orientation."""
 
     format: str
     width: int

@@ -109,9 +109,9 @@ class InferenceEmbedder:
         started = time.monotonic()
         deadline = started + timeout_s
         pending = [self._pool.submit(self._embed_one, data, deadline) for data in images]
-        # A server that trickles its headers can hold a request thread past the budget (see _send),
-        # so the caller stops waiting at the deadline, or at the longest that every attempt and
-        # backoff may take when there is no deadline, and the thread finishes on its own.
+        # A server that trickles its headers can hold a request thread past the budget (see _send).
+        # The caller therefore stops waiting at the deadline, or without one at the longest that every
+        # attempt and backoff may take, and the thread finishes on its own.
         ends = min(deadline, started + (self._retries + 1) * (self._timeout_s + _MAX_BACKOFF_S))
         results = [self._result_by(future, ends, started, limited_by_caller=ends == deadline) for future in pending]
         _log_failures(results, self._url)
@@ -370,8 +370,8 @@ def _is_number(value) -> bool:
 def _bytes_to_send(image: ImageInput) -> bytes:
     """Return the bytes to send: the caller's, except for a decoded image that had transparency.
 
-    The server drops the alpha channel and keeps the colours under transparent pixels, while the
-    onnx backend composites them on white; sending the composited picture as PNG keeps the two
+    The server drops the alpha channel and keeps the colours under transparent pixels, but the
+    onnx backend composites them on white. Sending the composited picture as PNG keeps the two
     backends' embeddings of such images equal.
     """
     if isinstance(image, DecodedImage):

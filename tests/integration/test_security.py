@@ -208,7 +208,7 @@ def test_cli_stats_and_search_with_tls_and_token(services, pki, monkeypatch, cap
     assert ingested[-1]["failed"] == 0
 
 
-def test_cli_dupes_remove_and_update_with_tls_and_token(services, pki, monkeypatch, capsys, tmp_path):
+def test_cli_dupes_remove_update_secured(services, pki, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("IMGSEARCH_TOKEN", INDEX_TOKEN)
     tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.user.cert), "--tls-key", str(pki.user.key)]
     image = tmp_path / "image.png"

@@ -70,7 +70,7 @@ def test_incomplete_download_is_rejected(zip_server, tmp_path):
     served, base = zip_server
     served["body"] = _zip_of_jpegs(5)
 
-    with pytest.raises(DatasetError, match="holds 5 .jpg files, expected 128"):
+    with pytest.raises(DatasetError, match="contains 5 .jpg files, expected 128"):
         locate_coco128("", tmp_path / "cache", url=f"{base}/coco128.zip")
 
 
