@@ -3,7 +3,7 @@
 Run with `make bench-dupes`. Exact and near figures come from FindDuplicates over the whole
 collection, twice: with the perceptual signals alone (min_score -1) and with the model's score as
 well. Figures that involve the model are only as good as the model: with the tiny random CLIP they
-say nothing about CLIP.
+tell nothing about CLIP.
 """
 
 import argparse

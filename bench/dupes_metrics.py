@@ -14,7 +14,7 @@ NEAR_TARGET_KINDS = ("jpeg-95", "jpeg-50", "jpeg-20", "resize-50", "resize-25", 
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """What a benchmark item is: the original it comes from and its variant kind."""
+    """The origin of a benchmark item: the original it comes from and its variant kind."""
 
     original: str
     kind: str

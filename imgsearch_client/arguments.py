@@ -49,6 +49,14 @@ def score(value: str) -> float:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    """Accept a finite number of 0 or more."""
+    number = _float(value)
+    if not 0.0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of 0 or more, got {value!r}")
+    return number
+
+
 def _float(value: str) -> float:
     try:
         return float(value)

@@ -11,7 +11,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from imgsearch_client import report
-from imgsearch_client.arguments import host_port, non_negative_int, positive_float, score
+from imgsearch_client.arguments import host_port, non_negative_float, non_negative_int, positive_float, score
 from imgsearch_client.client import (
     DUPLICATE_KINDS,
     ClientError,
@@ -84,17 +84,6 @@ def phash_distance(value: str) -> int:
     number = non_negative_int(value)
     if number > MAX_PHASH_DISTANCE:
         raise argparse.ArgumentTypeError(f"expected a distance from 0 to {MAX_PHASH_DISTANCE}, got {number}")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    """Accept a finite number of 0 or more."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0.0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of 0 or more, got {value!r}")
     return number
 
 

@@ -19,7 +19,7 @@ _TEXT = (20, 20, 20)
 def draw_grid(query: bytes | None, neighbours: Sequence[tuple[bytes | None, str]], out: pathlib.Path) -> None:
     """Write a one-row grid: the query, then each neighbour's image with its caption.
 
-    neighbours holds (image bytes, caption) pairs; an image that is None or cannot be read is drawn
+    neighbours contains (image bytes, caption) pairs; an image that is None or cannot be read is drawn
     as a grey tile, so that the caption is still shown.
     """
     tiles = [(query, "query")] + list(neighbours)

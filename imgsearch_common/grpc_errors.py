@@ -54,14 +54,8 @@ def abort_on_error(method):
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except errors.ImgsearchError as error:
-            code, message = status_for(error)
-            context.abort(code, message)
-        except Exception:
-            if context.code() is not None:
-                raise  # context.abort() raises too; keep the status it set.
-            log.exception("rpc_failed_unexpectedly", method=method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)
+        except Exception as error:  # noqa: BLE001 - _abort_for maps every exception to a status
+            _abort_for(error, context, method.__name__)
 
     return wrapper
 
@@ -76,13 +70,18 @@ def abort_on_stream_error(method):
     def wrapper(self, request, context):
         try:
             yield from method(self, request, context)
-        except errors.ImgsearchError as error:
-            code, message = status_for(error)
-            context.abort(code, message)
-        except Exception:
-            if context.code() is not None:
-                raise  # context.abort() raises too; keep the status it set.
-            log.exception("rpc_failed_unexpectedly", method=method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)
+        except Exception as error:  # noqa: BLE001 - _abort_for maps every exception to a status
+            _abort_for(error, context, method.__name__)
 
     return wrapper
+
+
+def _abort_for(error: Exception, context: grpc.ServicerContext, method_name: str) -> None:
+    """Abort the call with the status of a domain error, or with INTERNAL and the traceback logged."""
+    if isinstance(error, errors.ImgsearchError):
+        code, message = status_for(error)
+        context.abort(code, message)
+    if context.code() is not None:
+        raise error  # context.abort() raises too; keep the status it set.
+    log.error("rpc_failed_unexpectedly", method=method_name, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)

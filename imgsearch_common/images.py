@@ -263,7 +263,7 @@ def _read_orientation(image: Image.Image, jpeg_exif_segments: list[bytes]) -> in
         # Pillow's TIFF plugin reports the displayed size and turns the pixels itself, in load().
         return 1
 
-    # NOTE: Pillow reads a PNG's eXIf chunk only when it comes before the pixel data; one after it is
+    # NOTE: Pillow reads a PNG's eXIf chunk only when it comes before the pixel data. One after it is
     # not seen here, so that picture keeps its stored orientation.
     block = image.info.get("exif")
     raw_profile = image.info.get("Raw profile type exif")

@@ -362,7 +362,7 @@ class Store:
 
     def fingerprinted_row_ids(self) -> np.ndarray:
         """Return the row_ids of every stored item that has a pHash, as a sorted int64 array."""
-        # A fingerprint sets pixel_sha256 and phash together, and the pixel_sha256 index answers this
+        # A fingerprint sets pixel_sha256 and phash together, and the pixel_sha256 index serves this
         # query without reading the rows.
         return self._row_id_array("SELECT row_id FROM items WHERE pixel_sha256 IS NOT NULL")
 

@@ -91,7 +91,7 @@ def test_serve_on_taken_port_fails_with_one_line(capsys):
     assert error.startswith("imgsearch: error: the embed service could not start: could not bind")
 
 
-def test_serve_index_on_file_as_data_dir_fails_with_one_line(tmp_path, capsys):
+def test_serve_index_file_data_dir(tmp_path, capsys):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
 

@@ -37,7 +37,7 @@ def test_unreadable_neighbour_becomes_grey_tile(tmp_path):
         assert grid.getpixel((8 + 2 * 232 + 112, 8 + 112)) == (200, 200, 200)
 
 
-def test_transparency_is_drawn_on_white_like_the_embedder_sees_it(tmp_path):
+def test_transparency_drawn_on_white(tmp_path):
     out = tmp_path / "grid.png"
     buffer = io.BytesIO()
     Image.new("RGBA", (300, 200), (255, 0, 0, 0)).save(buffer, format="PNG")
