@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imgsearch.common.v1 import common_pb2 as imgsearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/embed/v1/embed_service.proto\x12\x12imgsearch.embed.v1\x1a imgsearch/common/v1/common.proto\";\n\x12\x45mbedImagesRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\"\xd9\x01\n\x13\x45mbedImagesResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x33\n\tembedding\x18\x02 \x01(\x0b\x32\x1e.imgsearch.common.v1.EmbeddingH\x00\x12/\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.imgsearch.common.v1.ItemErrorH\x00\x12:\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32%.imgsearch.common.v1.ImageFingerprintB\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"F\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t2\xd5\x01\n\x0c\x45mbedService\x12\x62\n\x0b\x45mbedImages\x12&.imgsearch.embed.v1.EmbedImagesRequest\x1a\'.imgsearch.embed.v1.EmbedImagesResponse(\x01\x30\x01\x12\x61\n\x0cGetModelInfo\x12\'.imgsearch.embed.v1.GetModelInfoRequest\x1a(.imgsearch.embed.v1.GetModelInfoResponseB[\n\x15io.imgsearch.embed.v1P\x01Z@github.com/imgsearch/imgsearch/gen/go/imgsearch/embed/v1;embedv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&imgsearch/embed/v1/embed_service.proto\x12\x12imgsearch.embed.v1\x1a imgsearch/common/v1/common.proto\";\n\x12\x45mbedImagesRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\"\xd9\x01\n\x13\x45mbedImagesResponse\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x33\n\tembedding\x18\x02 \x01(\x0b\x32\x1e.imgsearch.common.v1.EmbeddingH\x00\x12/\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.imgsearch.common.v1.ItemErrorH\x00\x12:\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32%.imgsearch.common.v1.ImageFingerprintB\x08\n\x06result\" \n\x10\x45mbedTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"F\n\x11\x45mbedTextResponse\x12\x31\n\tembedding\x18\x01 \x01(\x0b\x32\x1e.imgsearch.common.v1.Embedding\"\x15\n\x13GetModelInfoRequest\"F\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t2\xaf\x02\n\x0c\x45mbedService\x12\x62\n\x0b\x45mbedImages\x12&.imgsearch.embed.v1.EmbedImagesRequest\x1a\'.imgsearch.embed.v1.EmbedImagesResponse(\x01\x30\x01\x12X\n\tEmbedText\x12$.imgsearch.embed.v1.EmbedTextRequest\x1a%.imgsearch.embed.v1.EmbedTextResponse\x12\x61\n\x0cGetModelInfo\x12\'.imgsearch.embed.v1.GetModelInfoRequest\x1a(.imgsearch.embed.v1.GetModelInfoResponseB[\n\x15io.imgsearch.embed.v1P\x01Z@github.com/imgsearch/imgsearch/gen/go/imgsearch/embed/v1;embedv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDIMAGESREQUEST']._serialized_end=155
   _globals['_EMBEDIMAGESRESPONSE']._serialized_start=158
   _globals['_EMBEDIMAGESRESPONSE']._serialized_end=375
-  _globals['_GETMODELINFOREQUEST']._serialized_start=377
-  _globals['_GETMODELINFOREQUEST']._serialized_end=398
-  _globals['_GETMODELINFORESPONSE']._serialized_start=400
-  _globals['_GETMODELINFORESPONSE']._serialized_end=470
-  _globals['_EMBEDSERVICE']._serialized_start=473
-  _globals['_EMBEDSERVICE']._serialized_end=686
+  _globals['_EMBEDTEXTREQUEST']._serialized_start=377
+  _globals['_EMBEDTEXTREQUEST']._serialized_end=409
+  _globals['_EMBEDTEXTRESPONSE']._serialized_start=411
+  _globals['_EMBEDTEXTRESPONSE']._serialized_end=481
+  _globals['_GETMODELINFOREQUEST']._serialized_start=483
+  _globals['_GETMODELINFOREQUEST']._serialized_end=504
+  _globals['_GETMODELINFORESPONSE']._serialized_start=506
+  _globals['_GETMODELINFORESPONSE']._serialized_end=576
+  _globals['_EMBEDSERVICE']._serialized_start=579
+  _globals['_EMBEDSERVICE']._serialized_end=882
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,18 @@ class EmbedImagesResponse(_message.Message):
     fingerprint: _common_pb2.ImageFingerprint
     def __init__(self, correlation_id: _Optional[str] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., fingerprint: _Optional[_Union[_common_pb2.ImageFingerprint, _Mapping]] = ...) -> None: ...
 
+class EmbedTextRequest(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class EmbedTextResponse(_message.Message):
+    __slots__ = ("embedding",)
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    embedding: _common_pb2.Embedding
+    def __init__(self, embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

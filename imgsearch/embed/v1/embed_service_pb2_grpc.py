@@ -41,6 +41,11 @@ class EmbedServiceStub:
                 request_serializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedImagesRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedImagesResponse.FromString,
                 _registered_method=True)
+        self.EmbedText = channel.unary_unary(
+                '/imgsearch.embed.v1.EmbedService/EmbedText',
+                request_serializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedTextRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedTextResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/imgsearch.embed.v1.EmbedService/GetModelInfo',
                 request_serializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.GetModelInfoRequest.SerializeToString,
@@ -62,6 +67,14 @@ class EmbedServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedText(self, request, context):
+        """Embeds one piece of text with the text tower of the same CLIP model, so
+        that the result can be compared with image embeddings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Returns the model that this service embeds with.
         """
@@ -76,6 +89,11 @@ def add_EmbedServiceServicer_to_server(servicer, server):
                     servicer.EmbedImages,
                     request_deserializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedImagesRequest.FromString,
                     response_serializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedImagesResponse.SerializeToString,
+            ),
+            'EmbedText': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedText,
+                    request_deserializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedTextRequest.FromString,
+                    response_serializer=imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedTextResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -112,6 +130,33 @@ class EmbedService:
             '/imgsearch.embed.v1.EmbedService/EmbedImages',
             imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedImagesRequest.SerializeToString,
             imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgsearch.embed.v1.EmbedService/EmbedText',
+            imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedTextRequest.SerializeToString,
+            imgsearch_dot_embed_dot_v1_dot_embed__service__pb2.EmbedTextResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,20 +93,58 @@ class IngestImagesResponse(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., status: _Optional[_Union[IngestStatus, str]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ..., uri: _Optional[str] = ..., duplicate_of_item_id: _Optional[str] = ..., duplicate_match: _Optional[_Union[MatchKind, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "embedding", "item_id", "k", "min_score", "near_duplicate_policy")
+    __slots__ = ("image", "embedding", "item_id", "text", "k", "min_score", "near_duplicate_policy", "search_params", "filter")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     embedding: _common_pb2.Embedding
     item_id: str
+    text: str
     k: int
     min_score: float
     near_duplicate_policy: NearDuplicatePolicy
-    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., item_id: _Optional[str] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ..., near_duplicate_policy: _Optional[_Union[NearDuplicatePolicy, _Mapping]] = ...) -> None: ...
+    search_params: SearchParams
+    filter: Filter
+    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., k: _Optional[int] = ..., min_score: _Optional[float] = ..., near_duplicate_policy: _Optional[_Union[NearDuplicatePolicy, _Mapping]] = ..., search_params: _Optional[_Union[SearchParams, _Mapping]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class SearchParams(_message.Message):
+    __slots__ = ("nprobe", "ef_search")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    ef_search: int
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("metadata", "uri_prefixes")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    URI_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    metadata: _containers.RepeatedCompositeFieldContainer[MetadataCondition]
+    uri_prefixes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, metadata: _Optional[_Iterable[_Union[MetadataCondition, _Mapping]]] = ..., uri_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MetadataCondition(_message.Message):
+    __slots__ = ("key", "any_of")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    any_of: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SearchStreamResponse(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: SearchResponse
+    error: _common_pb2.ItemError
+    def __init__(self, response: _Optional[_Union[SearchResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
 
 class Neighbour(_message.Message):
     __slots__ = ("item_id", "score", "uri", "metadata", "width", "height", "sha256", "match", "phash_distance", "local_difference")
@@ -152,30 +190,40 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("item_count", "dim", "model_id", "index_type", "index_device")
+    __slots__ = ("item_count", "dim", "model_id", "index_type", "index_device", "index_kind", "index_memory_bytes", "nlist", "default_search_effort")
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     INDEX_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NLIST_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SEARCH_EFFORT_FIELD_NUMBER: _ClassVar[int]
     item_count: int
     dim: int
     model_id: str
     index_type: str
     index_device: str
-    def __init__(self, item_count: _Optional[int] = ..., dim: _Optional[int] = ..., model_id: _Optional[str] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ...) -> None: ...
+    index_kind: str
+    index_memory_bytes: int
+    nlist: int
+    default_search_effort: int
+    def __init__(self, item_count: _Optional[int] = ..., dim: _Optional[int] = ..., model_id: _Optional[str] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_kind: _Optional[str] = ..., index_memory_bytes: _Optional[int] = ..., nlist: _Optional[int] = ..., default_search_effort: _Optional[int] = ...) -> None: ...
 
 class FindDuplicatesRequest(_message.Message):
-    __slots__ = ("kinds", "near_duplicate_policy", "min_similar_score", "k")
+    __slots__ = ("kinds", "near_duplicate_policy", "min_similar_score", "k", "filter")
     KINDS_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
     MIN_SIMILAR_SCORE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     kinds: _containers.RepeatedScalarFieldContainer[MatchKind]
     near_duplicate_policy: NearDuplicatePolicy
     min_similar_score: float
     k: int
-    def __init__(self, kinds: _Optional[_Iterable[_Union[MatchKind, str]]] = ..., near_duplicate_policy: _Optional[_Union[NearDuplicatePolicy, _Mapping]] = ..., min_similar_score: _Optional[float] = ..., k: _Optional[int] = ...) -> None: ...
+    filter: Filter
+    def __init__(self, kinds: _Optional[_Iterable[_Union[MatchKind, str]]] = ..., near_duplicate_policy: _Optional[_Union[NearDuplicatePolicy, _Mapping]] = ..., min_similar_score: _Optional[float] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
 
 class DuplicateMember(_message.Message):
     __slots__ = ("item_id", "uri", "score", "phash_distance", "local_difference", "width", "height")

@@ -46,6 +46,11 @@ class IndexServiceStub:
                 request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/imgsearch.index.v1.IndexService/SearchStream',
+                request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchStreamResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/imgsearch.index.v1.IndexService/GetStats',
                 request_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.GetStatsRequest.SerializeToString,
@@ -86,6 +91,17 @@ class IndexServiceServicer:
 
     def Search(self, request, context):
         """Finds the stored items closest to a query, best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """Runs a stream of searches. The server sends exactly one response per
+        request, in request order; a failed query gets a response carrying an
+        error, and the stream goes on. Queries that arrive together are searched
+        together in one faiss call, so a stream of many queries costs less per
+        query than as many Search calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +151,11 @@ def add_IndexServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchRequest.FromString,
                     response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchRequest.FromString,
+                    response_serializer=imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchStreamResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -213,6 +234,33 @@ class IndexService:
             '/imgsearch.index.v1.IndexService/Search',
             imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchRequest.SerializeToString,
             imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imgsearch.index.v1.IndexService/SearchStream',
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchRequest.SerializeToString,
+            imgsearch_dot_index_dot_v1_dot_index__service__pb2.SearchStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
