@@ -64,6 +64,8 @@ from index_service.ingest_items import (
 from index_service.metadata import MetadataLimits, MetadataUpdate, validate_metadata, validate_update
 from index_service.phash_index import PhashIndex
 from index_service.recovery import capture_snapshot, restore_indexes
+from index_service.relayout import Relayout
+from index_service.search_batcher import IndexQuery, SearchBatcher
 from index_service.snapshot import write_snapshot
 from index_service.snapshot_scheduler import SnapshotScheduler
 from index_service.store import Store, StoredItem
@@ -71,6 +73,8 @@ from index_service.vector_index import Hit, VectorIndex
 
 log = structlog.get_logger(__name__)
 
+# How long close() waits for a background rebuild of the vector index, whose result it then drops.
+_RELAYOUT_CLOSE_WAIT_S = 5.0
 _SETTING_MODEL_ID = "model_id"
 _SETTING_DIM = "dim"
 
@@ -89,6 +93,7 @@ class CollectionLimits:
     max_image_pixels: int = 50_000_000
     near_max_candidates: int = 200
     metadata: MetadataLimits = MetadataLimits()
+    search_batch_size: int = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +158,33 @@ class CollectionStats:
     model_id: str
     index_type: str
     index_device: str
+    index_kind: str = "flat"
+    index_memory_bytes: int = 0
+    nlist: int = 0
+    default_search_effort: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchEffort:
+    """How hard an approximate index searches: nprobe for IVF, ef_search for HNSW; None means the default."""
+
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def for_layout(self, kind: str) -> int | None:
+        """Return the setting that applies to an index of kind, or None."""
+        return {"ivf": self.nprobe, "hnsw": self.ef_search}.get(kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    """One search of search_many(): its query and the other fields of search()."""
+
+    query: "Query"
+    k: int = 0
+    min_score: float | None = None
+    overrides: PolicyOverrides = PolicyOverrides()
+    effort: SearchEffort = SearchEffort()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +193,17 @@ class _QueryTarget:
 
     vector: np.ndarray
     fingerprint: Fingerprint | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _PreparedSearch:
+    """A checked search, ready for the vector index: its spec, k, policy, query target and index query."""
+
+    spec: SearchSpec
+    k: int
+    policy: NearDuplicatePolicy
+    target: _QueryTarget
+    index_query: IndexQuery
 
 
 class Collection:
@@ -189,10 +232,12 @@ class Collection:
         self._snapshot_path = snapshot_path
         self._phash_index = PhashIndex()
         self._candidates = CandidateFinder(store, vector_index, self._phash_index, limits.near_max_candidates)
+        self._batcher = SearchBatcher(vector_index, limits.search_batch_size)
         # Serialises the re-check, store write and index change of ingests and removals, so that
         # concurrent streams cannot store the same bytes or item_id twice, and so that the indexes
         # match the store whenever the lock is free.
         self._commit_lock = threading.Lock()
+        self._relayout = Relayout(store, vector_index, self._commit_lock, lambda: self._record_changes(1))
         self._model_id: str | None = None
         self._dim: int | None = None
         # Adds and removals since the snapshot file was written; guarded by the commit lock.
@@ -226,6 +271,10 @@ class Collection:
             dim=self._dim,
         )
         return report.item_count
+
+    def wait_for_relayout(self, timeout_s: float | None = None) -> bool:
+        """Wait for a background rebuild of the vector index in a new layout; return whether none runs any more."""
+        return self._relayout.wait(timeout_s)
 
     def check_embedder(self, timeout_s: float) -> None:
         """Check that the embedder runs the collection's model; log it, or a warning when it is unreachable.
@@ -305,6 +354,7 @@ class Collection:
         """Stop the snapshot scheduler, save a last snapshot when anything changed, and close the embedder and store."""
         if self._scheduler is not None:
             self._scheduler.stop()
+        self._relayout.close(timeout_s=_RELAYOUT_CLOSE_WAIT_S)
         try:
             self.save_snapshot()
         except Exception:  # noqa: BLE001 - the store must still close; the next start rebuilds from it
@@ -320,12 +370,17 @@ class Collection:
             self._scheduler.wake()
 
     def stats(self) -> CollectionStats:
+        layout = self._index.layout
         return CollectionStats(
             item_count=self._store.count(),
             dim=self._dim or 0,
             model_id=self.model_id,
-            index_type=self._index.index_type,
+            index_type=layout.description,
             index_device=self._index.device,
+            index_kind=layout.kind,
+            index_memory_bytes=self._index.memory_bytes,
+            nlist=layout.nlist,
+            default_search_effort=self._index.spec.default_effort(layout),
         )
 
     # Ingest
@@ -479,6 +534,7 @@ class Collection:
             self._index.add(np.array(row_ids, dtype=np.int64), np.stack([e.vector for _, e in embedded]))
             self._add_phashes(row_ids, [e.fingerprint for _, e in embedded])
             self._record_changes(len(row_ids))
+            self._relayout.start_if_wanted()
 
         for candidate, _ in embedded:
             duplicate = duplicate_by_position.get(candidate.position)
@@ -627,6 +683,7 @@ class Collection:
         min_score: float | None,
         timeout_s: float,
         overrides: PolicyOverrides = PolicyOverrides(),
+        effort: SearchEffort = SearchEffort(),
     ) -> list[Neighbour]:
         """Return up to k stored items closest to the query: exact duplicates, then near, then the rest.
 
@@ -634,21 +691,52 @@ class Collection:
         near duplicates that the query's fingerprint finds, so a duplicate is returned however low
         its score. k 0 means the default k. min_score, when given, leaves out similar and
         unlabelled neighbours below it, never exact or near ones. overrides replaces thresholds of
-        the near-duplicate policy for this search.
+        the near-duplicate policy for this search, and effort the index's search settings.
         """
-        k = self._resolve_k(k)
-        if min_score is not None and math.isnan(min_score):
-            raise InvalidInputError("min_score is NaN; give a number in [-1, 1] or leave it unset")
-        policy = self._near_policy.with_overrides(overrides)
+        result = self.search_many([SearchSpec(query, k, min_score, overrides, effort)], timeout_s)[0]
+        if isinstance(result, ImgsearchError):
+            raise result
+        return result
 
-        target = self._query_target(query, timeout_s)
+    def search_many(self, specs: Sequence[SearchSpec], timeout_s: float) -> list[list[Neighbour] | ImgsearchError]:
+        """Run several searches, their faiss part in one call; return each one's neighbours or its error, in order.
+
+        Each search is as search() describes. A search that fails, for example on a bad field or an
+        image that cannot be embedded, gets its error in its place, and the others go on.
+        """
+        prepared: list[_PreparedSearch | ImgsearchError | None] = []
+        deadline = time.monotonic() + timeout_s
+        for spec in specs:
+            try:
+                prepared.append(self._prepare_search(spec, deadline - time.monotonic()))
+            except ImgsearchError as error:
+                prepared.append(error)
+        ready = [p for p in prepared if isinstance(p, _PreparedSearch)]
+        hits = self._batcher.search([p.index_query for p in ready])
+        stored = self._store.items_by_row_id({hit.row_id for found in hits for hit in found})
+        finished = iter([self._finish_search(p, found, stored) for p, found in zip(ready, hits)])
+        return [next(finished) if isinstance(p, _PreparedSearch) else (p or []) for p in prepared]
+
+    def _prepare_search(self, spec: SearchSpec, timeout_s: float) -> "_PreparedSearch | None":
+        """Check a search's fields and find its query vector; None when the collection is empty."""
+        k = self._resolve_k(spec.k)
+        if spec.min_score is not None and math.isnan(spec.min_score):
+            raise InvalidInputError("min_score is NaN; give a number in [-1, 1] or leave it unset")
+        policy = self._near_policy.with_overrides(spec.overrides)
+        target = self._query_target(spec.query, timeout_s)
         if target is None:
-            return []
-        hits = self._index.search(target.vector[np.newaxis, :], k)[0]
-        matched = self._classified_hits(hits, target, policy) + self._duplicates_beyond(hits, target, policy)
-        kept = [m for m in matched if _within_min_score(m, min_score)]
+            return None
+        query = IndexQuery(target.vector, k, spec.effort.for_layout(self._index.layout.kind))
+        return _PreparedSearch(spec, k, policy, target, query)
+
+    def _finish_search(
+        self, prepared: "_PreparedSearch", hits: list[Hit], stored: dict[int, StoredItem]
+    ) -> list[Neighbour]:
+        target, policy = prepared.target, prepared.policy
+        matched = self._classified_hits(hits, target, policy, stored) + self._duplicates_beyond(hits, target, policy)
+        kept = [m for m in matched if _within_min_score(m, prepared.spec.min_score)]
         kept.sort(key=lambda m: (MATCH_RANK[m.match.kind], -m.score, m.item.row_id))
-        return [_neighbour(m) for m in kept[:k]]
+        return [_neighbour(m) for m in kept[: prepared.k]]
 
     def _resolve_k(self, k: int) -> int:
         if k < 0:
@@ -703,9 +791,8 @@ class Collection:
         return _QueryTarget(vector, output.fingerprint)
 
     def _classified_hits(
-        self, hits: list[Hit], target: _QueryTarget, policy: NearDuplicatePolicy
+        self, hits: list[Hit], target: _QueryTarget, policy: NearDuplicatePolicy, stored_by_row_id: dict
     ) -> list[MatchedItem]:
-        stored_by_row_id = self._store.items_by_row_id(hit.row_id for hit in hits)
         matched = []
         for hit in hits:
             stored = stored_by_row_id.get(hit.row_id)

@@ -11,6 +11,7 @@ from imgsearch_common.config import ConfigError, EnvReader
 from imgsearch_common.metrics import parse_listen
 from imgsearch_common.security import channel_credentials, optional_path, server_credentials, token_from_env
 from index_service.duplicates import MAX_PHASH_DISTANCE
+from index_service.index_layout import ENCODINGS, KINDS, IndexSpec
 from index_service.vector_index import REMOVAL_MODES
 
 ENV_PREFIX = "IMGSEARCH_INDEX_"
@@ -76,6 +77,32 @@ class IndexConfig:
     max_metadata_value_bytes: int = 4096
     # HTTP address, as host:port, that serves Prometheus metrics at /metrics. Empty: no metrics server.
     metrics_listen: str = ""
+    # The vector index (see index_service.index_layout): kind auto, flat, ivf or hnsw; encoding float32,
+    # fp16 or sq8; auto turns IVF at ivf_min_items; nlist 0 is about 4 * sqrt(items); nprobe and ef_search
+    # are the defaults of searches that set none; at most train_items vectors train an index.
+    index_kind: str = "auto"
+    index_encoding: str = "float32"
+    ivf_min_items: int = 100_000
+    nlist: int = 0
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+    train_items: int = 50_000
+    # Queries searched together at most, when several arrive at once.
+    search_batch_size: int = 256
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        return IndexSpec(
+            kind=self.index_kind,
+            encoding=self.index_encoding,
+            ivf_min_items=self.ivf_min_items,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            hnsw_m=self.hnsw_m,
+            ef_search=self.ef_search,
+            train_items=self.train_items,
+        )
 
 
 def from_env(environ: Mapping[str, str]) -> IndexConfig:
@@ -123,6 +150,15 @@ def from_env(environ: Mapping[str, str]) -> IndexConfig:
         max_metadata_key_bytes=env.int("MAX_METADATA_KEY_BYTES", default.max_metadata_key_bytes, minimum=1),
         max_metadata_value_bytes=env.int("MAX_METADATA_VALUE_BYTES", default.max_metadata_value_bytes, minimum=0),
         metrics_listen=env.str("METRICS_LISTEN", default.metrics_listen),
+        index_kind=env.choice("KIND", default.index_kind, KINDS),
+        index_encoding=env.choice("ENCODING", default.index_encoding, ENCODINGS),
+        ivf_min_items=env.int("IVF_MIN_ITEMS", default.ivf_min_items, minimum=1),
+        nlist=env.int("NLIST", default.nlist, minimum=0),
+        nprobe=env.int("NPROBE", default.nprobe, minimum=1),
+        hnsw_m=env.int("HNSW_M", default.hnsw_m, minimum=2),
+        ef_search=env.int("EF_SEARCH", default.ef_search, minimum=1),
+        train_items=env.int("TRAIN_ITEMS", default.train_items, minimum=1000),
+        search_batch_size=env.int("SEARCH_BATCH_SIZE", default.search_batch_size, minimum=1),
     )
     if config.metrics_listen:
         parse_listen(f"{ENV_PREFIX}METRICS_LISTEN", config.metrics_listen)

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import structlog
 
-from index_service.vector_index import ReadWriteLock
+from index_service.rwlock import ReadWriteLock
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,8 @@ from index_service import snapshot as snapshot_file
 from index_service.phash_index import PhashIndex
 from index_service.snapshot import Snapshot, SnapshotError, SnapshotHeader
 from index_service.store import Store
-from index_service.vector_index import VectorIndex
+from index_service.index_layout import Layout
+from index_service.vector_index import IndexState, VectorIndex
 
 log = structlog.get_logger(__name__)
 
@@ -68,20 +69,23 @@ def capture_snapshot(
     The caller must keep adds and removals out meanwhile, so that the indexes match the store's
     high-water marks that the header records.
     """
-    vector_row_ids, vectors = vector_index.arrays()
+    state = vector_index.state()
     row_ids, phashes, versions = phash_index.arrays()
     header = SnapshotHeader(
         model_id=model_id,
         dim=dim,
         last_row_id=store.last_row_id(),
         last_removal_id=store.last_removal_id(),
-        item_count=len(vector_row_ids),
+        item_count=state.item_count,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        index_layout=state.layout.to_dict(),
     )
     return Snapshot(
         header=header,
-        vector_row_ids=vector_row_ids,
-        vectors=vectors,
+        vector_row_ids=state.row_ids,
+        vectors=state.vectors,
+        vector_index=state.serialized,
+        masked_row_ids=state.masked,
         phash_row_ids=row_ids,
         phash_values=phashes,
         phash_versions=versions,
@@ -104,8 +108,9 @@ def restore_indexes(
     else:
         added, removed = _replay_after(store, vector_index, phash_index, loaded)
         changes = added + removed
-    if vector_index.needs_rebuild:
+    if vector_index.needs_rebuild or vector_index.wants_relayout:
         vector_index.rebuild(store.vector_batches())
+        changes += 1
 
     repair = check_and_repair(store, vector_index, phash_index)
     report = RestoreReport(
@@ -166,17 +171,30 @@ def _load_snapshot(
     try:
         snapshot = snapshot_file.read_snapshot(path)
         _check_matches_store(snapshot.header, store)
-        vector_index.load(snapshot.vector_row_ids, snapshot.vectors)
+        vector_index.load_state(_index_state(snapshot))
         phash_index.load(snapshot.phash_row_ids, snapshot.phash_values, snapshot.phash_versions)
         _check_loaded(snapshot.header, vector_index)
     except FileNotFoundError:
         log.info("snapshot_missing", path=str(path))
         return None
-    except (SnapshotError, ValueError) as error:
+    except (SnapshotError, ValueError, RuntimeError) as error:
         # The rebuild that follows replaces whatever part of the snapshot was loaded.
         log.warning("snapshot_ignored", path=str(path), reason=str(error))
         return None
     return snapshot.header
+
+
+def _index_state(snapshot: Snapshot) -> IndexState:
+    header = snapshot.header
+    dim = header.dim if len(snapshot.vector_row_ids) else 0
+    return IndexState(
+        layout=Layout.from_dict(header.index_layout),
+        dim=dim,
+        row_ids=snapshot.vector_row_ids,
+        vectors=snapshot.vectors,
+        serialized=snapshot.vector_index,
+        masked=snapshot.masked_row_ids,
+    )
 
 
 def _check_matches_store(header: SnapshotHeader, store: Store) -> None:

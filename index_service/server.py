@@ -52,6 +52,7 @@ def build_server(
         threads=config.faiss_threads,
         removal=config.removal,
         max_masked=config.max_masked_removals,
+        spec=config.index_spec,
     )
     metrics = metrics or ServiceMetrics()
     collection = _MeteredCollection(
@@ -73,7 +74,9 @@ def build_server(
     try:
         collection.load()
         server = create_server(config.max_workers, config.max_message_bytes, config.auth_token, metrics)
-        servicer = IndexServicer(collection, config.ingest_batch_size, config.embed_timeout_s)
+        servicer = IndexServicer(
+            collection, config.ingest_batch_size, config.embed_timeout_s, config.search_batch_size
+        )
         index_service_pb2_grpc.add_IndexServiceServicer_to_server(servicer, server)
         health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
         credentials = server_credentials(ENV_PREFIX, config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -142,6 +145,7 @@ def _limits_of(config: IndexConfig) -> CollectionLimits:
         max_image_bytes=config.max_image_bytes,
         max_image_pixels=config.max_image_pixels,
         near_max_candidates=config.near_max_candidates,
+        search_batch_size=config.search_batch_size,
         metadata=MetadataLimits(
             max_keys=config.max_metadata_keys,
             max_key_bytes=config.max_metadata_key_bytes,

@@ -20,6 +20,8 @@ from index_service.collection import (
     ItemQuery,
     Neighbour,
     Query,
+    SearchEffort,
+    SearchSpec,
     VectorQuery,
 )
 from index_service.duplicates import MatchKind, OnDuplicate, PolicyOverrides
@@ -54,10 +56,13 @@ class _CallEnded(Exception):
 class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
     """IndexService over one collection."""
 
-    def __init__(self, collection: Collection, ingest_batch_size: int, embed_timeout_s: float):
+    def __init__(
+        self, collection: Collection, ingest_batch_size: int, embed_timeout_s: float, search_batch_size: int = 256
+    ):
         self._collection = collection
         self._batch_size = ingest_batch_size
         self._embed_timeout_s = embed_timeout_s
+        self._search_batch_size = search_batch_size
 
     def IngestImages(self, request_iterator, context):
         reader = RequestBatcher(request_iterator, max_buffered=self._batch_size, name="ingest-reader")
@@ -100,14 +105,51 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
 
     @abort_on_error
     def Search(self, request, context):
-        min_score = request.min_score if request.HasField("min_score") else None
+        spec = _search_spec_of(request)
         neighbours = self._collection.search(
-            _query_of(request),
-            k=request.k,
-            min_score=min_score,
+            spec.query,
+            k=spec.k,
+            min_score=spec.min_score,
             timeout_s=remaining_seconds(context, self._embed_timeout_s),
-            overrides=_overrides_of(request.near_duplicate_policy),
+            overrides=spec.overrides,
+            effort=spec.effort,
         )
+        return self._search_response(neighbours)
+
+    def SearchStream(self, request_iterator, context):
+        reader = RequestBatcher(request_iterator, max_buffered=self._search_batch_size, name="search-reader")
+        counts = {"ok": 0, "failed": 0}
+        try:
+            while (requests := reader.next_batch(self._search_batch_size)) is not None:
+                for response in self._search_batch(requests, context):
+                    counts["failed" if response.HasField("error") else "ok"] += 1
+                    yield response
+        finally:
+            reader.close()
+            log.info("search_stream_finished", searched=counts["ok"], failed=counts["failed"])
+
+    def _search_batch(self, requests: list, context) -> list[index_service_pb2.SearchStreamResponse]:
+        specs, invalid_by_position = [], {}
+        for position, request in enumerate(requests):
+            try:
+                specs.append(_search_spec_of(request))
+            except InvalidInputError as error:
+                invalid_by_position[position] = error
+        try:
+            results = iter(self._collection.search_many(specs, remaining_seconds(context, self._embed_timeout_s)))
+        except Exception as error:  # noqa: BLE001 - one broken batch must not end the stream
+            failure = item_error(error)
+            return [index_service_pb2.SearchStreamResponse(error=failure) for _ in requests]
+        responses = []
+        for position in range(len(requests)):
+            result = invalid_by_position.get(position) or next(results)
+            if isinstance(result, Exception):
+                responses.append(index_service_pb2.SearchStreamResponse(error=item_error(result)))
+            else:
+                responses.append(index_service_pb2.SearchStreamResponse(response=self._search_response(result)))
+        return responses
+
+    def _search_response(self, neighbours: list[Neighbour]) -> index_service_pb2.SearchResponse:
         return index_service_pb2.SearchResponse(
             neighbours=[_neighbour_message(n) for n in neighbours], model_id=self._collection.model_id
         )
@@ -121,6 +163,10 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             model_id=stats.model_id,
             index_type=stats.index_type,
             index_device=stats.index_device,
+            index_kind=stats.index_kind,
+            index_memory_bytes=stats.index_memory_bytes,
+            nlist=stats.nlist,
+            default_search_effort=stats.default_search_effort,
         )
 
     @abort_on_error
@@ -207,6 +253,26 @@ def _query_of(request: index_service_pb2.SearchRequest) -> Query:
     if which == "item_id":
         return ItemQuery(item_id=request.item_id)
     raise InvalidInputError("query is not set; set one of image, embedding or item_id")
+
+
+def _search_spec_of(request: index_service_pb2.SearchRequest) -> SearchSpec:
+    return SearchSpec(
+        query=_query_of(request),
+        k=request.k,
+        min_score=request.min_score if request.HasField("min_score") else None,
+        overrides=_overrides_of(request.near_duplicate_policy),
+        effort=_effort_of(request.search_params),
+    )
+
+
+def _effort_of(params: index_service_pb2.SearchParams) -> SearchEffort:
+    for name in ("nprobe", "ef_search"):
+        if params.HasField(name) and getattr(params, name) == 0:
+            raise InvalidInputError(f"search_params.{name} is 0; give at least 1, or leave it unset for the default")
+    return SearchEffort(
+        nprobe=params.nprobe if params.HasField("nprobe") else None,
+        ef_search=params.ef_search if params.HasField("ef_search") else None,
+    )
 
 
 def _ingest_response(result: IngestResult, uri: str) -> index_service_pb2.IngestImagesResponse:

@@ -9,9 +9,11 @@ A snapshot is one file, DATA_DIR/index.snapshot:
     sections                              their bytes, back to back, in the header's order
 
 The sections are the row ids (int64) and vectors (float32, row after row) of the faiss index,
-then the row ids (int64), pHashes (uint64) and fingerprint versions (uint32) of the pHash index,
-all little-endian. Raw arrays load faster than faiss's own serialization, and copying them out of
-the index takes less time while adds and removals wait. The CRC-32s catch a torn or damaged file.
+its faiss serialisation (bytes) and masked row ids (int64), then the row ids (int64), pHashes
+(uint64) and fingerprint versions (uint32) of the pHash index, all little-endian. A flat float32
+index is written as raw vectors, which load faster than faiss's own serialisation and take less
+time to copy out while adds and removals wait; any other layout is written serialised, so that a
+trained index is not trained again at start (see vector_index.IndexState). The CRC-32s catch a torn or damaged file.
 They do not guard against a forged one, since only this service writes into its data folder.
 
 write_snapshot writes a temporary file in the same folder, fsyncs it, renames it over the old
@@ -29,11 +31,13 @@ import numpy as np
 
 FILE_NAME = "index.snapshot"
 TEMP_SUFFIX = ".tmp"
-MAGIC = b"imgsearch-index-snapshot-v2\n"
+MAGIC = b"imgsearch-index-snapshot-v3\n"
 _LENGTH_BYTES = 8
 _SECTIONS = (
     ("vector_row_ids", np.dtype("<i8")),
     ("vectors", np.dtype("<f4")),
+    ("vector_index", np.dtype("u1")),
+    ("masked_row_ids", np.dtype("<i8")),
     ("phash_row_ids", np.dtype("<i8")),
     ("phash_values", np.dtype("<u8")),
     ("phash_versions", np.dtype("<u4")),
@@ -61,6 +65,8 @@ class SnapshotHeader:
     last_removal_id: int
     item_count: int
     created_at: str
+    # The vector index's Layout, as Layout.to_dict() gives it.
+    index_layout: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +76,8 @@ class Snapshot:
     header: SnapshotHeader
     vector_row_ids: np.ndarray
     vectors: np.ndarray
+    vector_index: np.ndarray
+    masked_row_ids: np.ndarray
     phash_row_ids: np.ndarray
     phash_values: np.ndarray
     phash_versions: np.ndarray

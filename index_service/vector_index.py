@@ -1,8 +1,7 @@
-"""The faiss adapter: exact inner-product search over L2-normalised vectors, on the CPU or a GPU."""
+"""The faiss adapter: inner-product search over L2-normalised vectors, exact or approximate, on the CPU or a GPU."""
 
-import contextlib
-import threading
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import faiss
@@ -10,11 +9,16 @@ import numpy as np
 import structlog
 
 from imgsearch_common.config import ConfigError
+from index_service.index_layout import IndexSpec, Layout, code_bytes, new_index, search_parameters
+from index_service.rwlock import ReadWriteLock
 
 log = structlog.get_logger(__name__)
 
-INDEX_TYPE = "IDMap2,Flat"
 REMOVAL_MODES = ("auto", "remove_ids", "mask")
+# Bytes per vector of the id bookkeeping: the id array and the reverse map of IndexIDMap2, or the
+# ids and hash table of an IVF index. An estimate, for GetStats.
+_ID_BYTES = 56
+_TRAINING_SEED = 1234
 
 
 class Hit(NamedTuple):
@@ -24,82 +28,103 @@ class Hit(NamedTuple):
     score: float
 
 
-class ReadWriteLock:
-    """A lock that lets many readers in together but gives a writer sole access.
+@dataclasses.dataclass(frozen=True)
+class IndexState:
+    """The contents of a vector index for a snapshot: its layout and row ids, and either its vectors or its bytes.
 
-    Writers take precedence: once a writer waits, new readers wait too, so a stream of
-    searches cannot starve an add.
+    A flat float32 index is kept as its raw vectors, which load fastest, masked row ids left out.
+    Any other layout is kept as faiss's serialisation (`serialized`, uint8), so that a trained
+    index is not trained again; its row_ids are all the ids in it, and masked names those of them
+    that are hidden. An empty index has dim 0 and no vectors.
     """
 
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._readers = 0
-        self._writing = False
-        self._writers_waiting = 0
+    layout: Layout
+    dim: int
+    row_ids: np.ndarray
+    vectors: np.ndarray
+    serialized: np.ndarray
+    masked: np.ndarray
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        with self._condition:
-            self._condition.wait_for(lambda: not self._writing and self._writers_waiting == 0)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._condition.notify_all()
+    @property
+    def item_count(self) -> int:
+        """The number of vectors that searches can find."""
+        return len(self.row_ids) - len(self.masked)
 
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        with self._condition:
-            self._writers_waiting += 1
-            self._condition.wait_for(lambda: not self._writing and self._readers == 0)
-            self._writers_waiting -= 1
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._writing = False
-                self._condition.notify_all()
+
+class BuiltIndex:
+    """A CPU faiss index of one layout, built away from the VectorIndex that install() hands it to."""
+
+    def __init__(self, index, layout: Layout):
+        self.index = index
+        self.layout = layout
+
+    @property
+    def count(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def add(self, row_ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids, xb = _checked_batch(row_ids, vectors)
+        if len(ids):
+            self.index.add_with_ids(xb, ids)
+
+    def remove(self, row_ids: np.ndarray) -> int:
+        ids = np.unique(np.asarray(row_ids, dtype=np.int64))
+        if self.index is None or len(ids) == 0:
+            return 0
+        if not self.layout.removes_in_place:
+            raise ValueError(f"an index of layout {self.layout.description} cannot remove vectors")
+        return int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
 
 
 class VectorIndex:
-    """An IndexIDMap2 over IndexFlatIP whose ids are the store's row ids.
+    """A faiss index whose ids are the store's row ids, of the layout that its IndexSpec picks for its size.
 
     The dim is fixed by the first add; until then the index is empty and searches return nothing.
-    Searches may run together; add, remove, rebuild and load take the write lock.
+    Searches may run together; add, remove, install and load take the write lock. The index starts
+    flat (or HNSW) and unencoded; once wants_relayout turns true, the owner builds the layout that
+    the spec wants with build() and swaps it in with install().
 
-    Removal has two modes. "remove_ids" deletes the vectors from the index at once; the CPU
-    IndexIDMap2 supports it. A GPU index does not (GpuIndexFlat has no remove_ids), so there removed
-    row ids go into a mask: searches ask faiss for k plus the masked count and drop masked hits.
-    Once the mask contains more than max_masked row ids, needs_rebuild turns true, and the owner
-    calls rebuild() with the stored vectors. removal="auto" picks remove_ids on the CPU and the
-    mask on a GPU; "mask" forces the mask, so that the GPU's path can be tested on a CPU.
+    Removal has two modes. "remove_ids" deletes the vectors from the index at once. An HNSW graph
+    and a GPU index cannot, so there removed row ids go into a mask: searches ask faiss for k plus
+    the masked count and drop masked hits. Once the mask contains more than max_masked row ids,
+    needs_rebuild turns true, and the owner calls rebuild() with the stored vectors. removal="auto"
+    picks remove_ids where the index can and the mask elsewhere; "mask" forces the mask, so that
+    the GPU's path can be tested on a CPU.
     """
 
-    def __init__(self, device: str = "auto", threads: int = 0, removal: str = "auto", max_masked: int = 1024):
+    def __init__(
+        self,
+        device: str = "auto",
+        threads: int = 0,
+        removal: str = "auto",
+        max_masked: int = 1024,
+        spec: IndexSpec = IndexSpec(),
+    ):
         if removal not in REMOVAL_MODES:
             raise ValueError(f"removal must be one of {', '.join(REMOVAL_MODES)}, got {removal!r}")
         if threads > 0:
             faiss.omp_set_num_threads(threads)
         self.device = _choose_device(device)
-        if self.device == "gpu" and removal == "remove_ids":
-            raise ConfigError("IMGSEARCH_INDEX_REMOVAL is remove_ids, which a GPU index cannot do; use auto or mask")
-        if removal == "auto":
-            removal = "mask" if self.device == "gpu" else "remove_ids"
-        self.removal = removal
+        _check_device_supports(self.device, spec, removal)
+        self.spec = spec
+        self.removal = removal if removal != "auto" else ("mask" if self.device == "gpu" else "remove_ids")
         self._max_masked = max_masked
         self._gpu_resources = faiss.StandardGpuResources() if self.device == "gpu" else None
         self._index = None
+        self._layout = spec.layout_for(0)
         self._masked: set[int] = set()
         self._lock = ReadWriteLock()
-        log.info("vector_index_created", device=self.device, removal=self.removal, threads=faiss.omp_get_max_threads())
+        log.info("vector_index_created", device=self.device, removal=self.removal, kind=spec.kind,
+                 encoding=spec.encoding, threads=faiss.omp_get_max_threads())
+
+    @property
+    def layout(self) -> Layout:
+        with self._lock.reading():
+            return self._layout
 
     @property
     def index_type(self) -> str:
-        return INDEX_TYPE
+        return self.layout.description
 
     @property
     def dim(self) -> int | None:
@@ -119,6 +144,21 @@ class VectorIndex:
         with self._lock.reading():
             return len(self._masked) > self._max_masked
 
+    @property
+    def wants_relayout(self) -> bool:
+        """Whether the spec wants another layout for the current size (see IndexSpec.wants_rebuild)."""
+        with self._lock.reading():
+            count = 0 if self._index is None else self._index.ntotal - len(self._masked)
+            return self._index is not None and self.spec.wants_rebuild(self._layout, count)
+
+    @property
+    def memory_bytes(self) -> int:
+        """An estimate of the memory that the vectors and their ids take."""
+        with self._lock.reading():
+            if self._index is None:
+                return 0
+            return int(self._index.ntotal) * (code_bytes(self._layout, self._index.d) + _ID_BYTES)
+
     def __len__(self) -> int:
         """Return the number of vectors in the index, masked ones excluded."""
         with self._lock.reading():
@@ -129,7 +169,8 @@ class VectorIndex:
         ids, xb = _checked_batch(row_ids, vectors)
         with self._lock.writing():
             if self._index is None:
-                self._index = self._new_index(xb.shape[1])
+                self._layout = self.spec.layout_for(0)
+                self._index = self._on_device(new_index(self._layout, xb.shape[1]))
             if xb.shape[1] != self._index.d:
                 raise ValueError(f"vectors have dim {xb.shape[1]}, but the index has dim {self._index.d}")
             self._index.add_with_ids(xb, ids)
@@ -140,83 +181,125 @@ class VectorIndex:
         with self._lock.writing():
             if self._index is None or len(ids) == 0:
                 return 0
-            if self.removal == "remove_ids":
-                return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
-            present = [int(row_id) for row_id in ids[self._contains(ids)] if int(row_id) not in self._masked]
+            if not self._masks():
+                return int(self._index.remove_ids(faiss.IDSelectorArray(ids)))
+            present = [int(row_id) for row_id in ids[np.isin(ids, self._ids())] if int(row_id) not in self._masked]
             self._masked.update(present)
             return len(present)
 
-    def rebuild(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> int:
-        """Replace the index with one built from (row_ids, vectors) batches, clearing the mask.
+    def build(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> BuiltIndex:
+        """Build an index of the layout that the spec picks for the batches' size, without touching this one.
 
-        The new index is built before the write lock is taken, so searches go on meanwhile. The
-        caller must keep adds and removals out until this returns. Returns the vector count.
+        Reads every batch into memory first, since a trained layout samples its training vectors
+        from all of them.
         """
-        index = None
-        for row_ids, vectors in batches:
-            ids, xb = _checked_batch(row_ids, vectors)
-            if index is None:
-                index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
-            index.add_with_ids(xb, ids)
-        device_index = None if index is None else self._on_device(index)
+        parts = [_checked_batch(row_ids, vectors) for row_ids, vectors in batches]
+        parts = [(ids, xb) for ids, xb in parts if len(ids)]
+        count = sum(len(ids) for ids, _ in parts)
+        layout = self.spec.layout_for(count)
+        if count == 0:
+            return BuiltIndex(None, layout)
+        training = _training_sample(parts, layout.trained_items) if layout.needs_training else None
+        built = BuiltIndex(new_index(layout, parts[0][1].shape[1], training), layout)
+        for ids, xb in parts:
+            built.add(ids, xb)
+        return built
+
+    def install(self, built: BuiltIndex) -> None:
+        """Replace the index with built, clearing the mask; searches wait only for the swap."""
+        device_index = None if built.index is None else self._on_device(built.index)
         with self._lock.writing():
             masked = len(self._masked)
-            self._index = device_index
-            self._masked = set()
-        count = 0 if index is None else index.ntotal
-        log.info("vector_index_rebuilt", item_count=count, masked_dropped=masked)
-        return count
+            self._index, self._layout, self._masked = device_index, built.layout, set()
+        log.info("vector_index_installed", item_count=built.count, index_type=built.layout.description,
+                 masked_dropped=masked)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return copies of the row ids (int64, shape (n,)) and vectors (float32, shape (n, dim)) in the index.
+    def rebuild(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> int:
+        """Replace the index with one built from (row_ids, vectors) batches; return the vector count.
 
-        Masked row ids are left out. An empty index returns arrays of shape (0,) and (0, 0).
+        The caller must keep adds and removals out until this returns.
         """
+        built = self.build(batches)
+        self.install(built)
+        return built.count
+
+    def state(self) -> IndexState:
+        """Return the index's contents for a snapshot, masked row ids left out (see IndexState)."""
         with self._lock.reading():
             if self._index is None:
-                return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+                return _empty_state(self._layout)
             index = self._index if self._gpu_resources is None else faiss.index_gpu_to_cpu(self._index)
-            row_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-            vectors = _flat_vectors(faiss.downcast_index(index.index))
-            masked = frozenset(self._masked)
-        if masked:
-            keep = ~np.isin(row_ids, np.fromiter(masked, dtype=np.int64))
-            row_ids, vectors = row_ids[keep], vectors[keep]
-        return row_ids, vectors
+            layout, masked = self._layout, np.fromiter(self._masked, dtype=np.int64)
+            if layout.kind == "flat" and layout.encoding == "float32":
+                row_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+                vectors = _flat_vectors(faiss.downcast_index(index.index))
+                keep = ~np.isin(row_ids, masked)
+                return IndexState(layout, index.d, row_ids[keep], vectors[keep], np.empty(0, dtype=np.uint8),
+                                  np.empty(0, dtype=np.int64))
+            serialized = faiss.serialize_index(index)
+            row_ids = _index_ids(index)
+        return IndexState(layout, int(index.d), row_ids, np.empty((0, 0), dtype=np.float32), serialized, masked)
+
+    def load_state(self, state: IndexState) -> None:
+        """Replace the index with the one state describes, as state() returned it, clearing the mask.
+
+        Raises ValueError for a state whose arrays disagree with each other.
+        """
+        if len(state.serialized):
+            index = faiss.deserialize_index(state.serialized)
+            if index.d != state.dim or index.ntotal != len(state.row_ids):
+                raise ValueError(f"the serialised index has dim {index.d} and {index.ntotal} vectors, "
+                                 f"but the state says dim {state.dim} and {len(state.row_ids)} row ids")
+            built = BuiltIndex(index, state.layout)
+        else:
+            built = self._flat_built(state)
+        device_index = None if built.index is None else self._on_device(built.index)
+        with self._lock.writing():
+            self._index, self._layout = device_index, built.layout
+            self._masked = {int(row_id) for row_id in state.masked} if len(state.serialized) else set()
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the row ids (int64, (n,)) and vectors (float32, (n, dim)) in the index, masked ones left out.
+
+        Vectors of an encoded layout are decoded, so they are approximate. An empty index returns
+        arrays of shape (0,) and (0, 0).
+        """
+        row_ids = self.row_ids()
+        found, vectors = self.vectors_if_present(row_ids)
+        if vectors.shape[1] == 0:
+            return row_ids, np.empty((0, 0), dtype=np.float32)
+        return row_ids[found], vectors[found]
 
     def load(self, row_ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Replace the index with one of the given row ids and vectors, as arrays() returned them, clearing the mask.
+        """Replace the index with a flat float32 one of row_ids and vectors, as arrays() returned them.
 
         Vectors of shape (0, 0) leave the index empty, with no dim. Raises ValueError for arrays of
         other lengths or shapes.
         """
-        ids, xb = _checked_batch(row_ids, vectors)
-        index = None
-        if xb.shape[1] > 0:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
-            index.add_with_ids(xb, ids)
-        elif len(ids):
-            raise ValueError(f"got {len(ids)} row ids but vectors of dim 0")
-        device_index = None if index is None else self._on_device(index)
-        with self._lock.writing():
-            self._index = device_index
-            self._masked = set()
+        no_ids = np.empty(0, dtype=np.int64)
+        layout = Layout()
+        dim = 0 if np.ndim(vectors) != 2 else np.shape(vectors)[1]
+        self.load_state(IndexState(layout, dim, row_ids, vectors, np.empty(0, dtype=np.uint8), no_ids))
 
     def row_ids(self) -> np.ndarray:
         """Return the row ids in the index, masked ones excluded, as a sorted int64 array."""
         with self._lock.reading():
             if self._index is None:
                 return np.empty(0, dtype=np.int64)
-            ids = np.sort(faiss.vector_to_array(self._index.id_map).astype(np.int64))
+            ids = np.sort(self._ids())
             if self._masked:
                 ids = ids[~np.isin(ids, np.fromiter(self._masked, dtype=np.int64))]
             return ids
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(
+        self, vectors: np.ndarray, k: int, effort: int | None = None, selector=None
+    ) -> list[list[Hit]]:
         """Return up to k hits per query vector, best first, with scores clamped to [-1, 1].
 
-        Fewer than k hits come back when the index contains fewer than k vectors. Masked row ids
-        never come back.
+        effort is the nprobe (ivf) or ef_search (hnsw) of this search; None means the spec's
+        default. selector, a faiss IDSelector over row ids, limits the search to the row ids that
+        it accepts. Fewer than k hits come back when fewer vectors pass. Masked row ids never come
+        back.
         """
         xq = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._lock.reading():
@@ -226,12 +309,15 @@ class VectorIndex:
                 raise ValueError(f"queries have dim {xq.shape[1]}, but the index has dim {self._index.d}")
             # NOTE: a GPU index rejects k above 2048 (GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh),
             # so on a GPU MAX_K plus MAX_MASKED_REMOVALS must stay at or below 2048.
-            D, I = self._index.search(xq, min(k + len(self._masked), self._index.ntotal))  # noqa: E741 - faiss's names
+            wanted = min(k + len(self._masked), self._index.ntotal)
+            effort = self.spec.default_effort(self._layout) if effort is None else effort
+            params = search_parameters(self._layout, effort, wanted, selector)
+            D, I = self._index.search(xq, wanted, params=params)  # noqa: E741 - faiss's names
             masked = frozenset(self._masked)
         return [_real_hits(scores, ids, masked)[:k] for scores, ids in zip(D, I)]
 
     def vectors(self, row_ids: np.ndarray) -> np.ndarray:
-        """Return the stored vectors of row_ids as a float32 array of shape (n, dim).
+        """Return the vectors of row_ids as a float32 array of shape (n, dim); decoded, so approximate when encoded.
 
         Raises KeyError naming a row_id that the index does not contain or has masked.
         """
@@ -262,7 +348,7 @@ class VectorIndex:
                 try:
                     return found, self._index.reconstruct_batch(ids)
                 except RuntimeError:
-                    pass  # IndexIDMap2 raises naming the first missing key; look up one at a time below.
+                    pass  # faiss raises naming the first missing key; look up one at a time below.
             for position in np.flatnonzero(found):
                 try:
                     vectors[position] = self._index.reconstruct(int(ids[position]))
@@ -270,19 +356,27 @@ class VectorIndex:
                     found[position] = False
             return found, vectors
 
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        return np.isin(ids, faiss.vector_to_array(self._index.id_map))
+    def _masks(self) -> bool:
+        return self.removal == "mask" or not self._layout.removes_in_place
 
-    def _new_index(self, dim: int):
-        return self._on_device(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+    def _ids(self) -> np.ndarray:
+        return _index_ids(self._index)
+
+    def _flat_built(self, state: IndexState) -> BuiltIndex:
+        ids, xb = _checked_batch(state.row_ids, state.vectors)
+        if xb.shape[1] == 0:
+            if len(ids):
+                raise ValueError(f"got {len(ids)} row ids but vectors of dim 0")
+            return BuiltIndex(None, self.spec.layout_for(0))
+        built = BuiltIndex(new_index(state.layout, xb.shape[1]), state.layout)
+        built.add(ids, xb)
+        return built
 
     def _on_device(self, index):
         if self._gpu_resources is None:
             return index
-        # NOTE: the GPU paths (this copy, the copy back in arrays(), and removal by mask with a GPU
+        # NOTE: the GPU paths (this copy, the copy back in state(), and removal by mask with a GPU
         # index) have never run on a GPU; the tests force the mask on the CPU.
-        # faiss GPU indexes reject k above GPU_MAX_SELECTION_K (2048 in faiss/gpu/utils/DeviceDefs.cuh)
-        # unless faiss is built with cuVS, so MAX_K must stay at or below that on a GPU.
         return faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
 
 
@@ -293,6 +387,50 @@ def _choose_device(device: str) -> str:
     if device == "auto":
         return "gpu" if gpus > 0 else "cpu"
     return device
+
+
+def _check_device_supports(device: str, spec: IndexSpec, removal: str) -> None:
+    if device == "gpu" and (spec.kind == "hnsw" or (spec.kind != "ivf" and spec.encoding != "float32")):
+        raise ConfigError(
+            f"an index of kind {spec.kind} with encoding {spec.encoding} cannot run on a GPU; on a GPU use kind "
+            "flat with encoding float32, or kind ivf or auto"
+        )
+    if removal == "remove_ids" and (device == "gpu" or spec.kind == "hnsw"):
+        raise ConfigError(
+            f"IMGSEARCH_INDEX_REMOVAL is remove_ids, which {'a GPU' if device == 'gpu' else 'an HNSW'} index "
+            "cannot do; use auto or mask"
+        )
+
+
+def _index_ids(index) -> np.ndarray:
+    """Return the ids in a CPU or GPU IndexIDMap2 or IVF index, unsorted."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+        for number in range(lists.nlist)
+        if lists.list_size(number)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+def _training_sample(parts: list[tuple[np.ndarray, np.ndarray]], size: int) -> np.ndarray:
+    """Return size vectors drawn at random, without repeats, from the batches."""
+    count = sum(len(ids) for ids, _ in parts)
+    chosen = np.sort(np.random.default_rng(_TRAINING_SEED).choice(count, size=size, replace=False))
+    sample, start = [], 0
+    for _, xb in parts:
+        inside = chosen[(chosen >= start) & (chosen < start + len(xb))] - start
+        sample.append(xb[inside])
+        start += len(xb)
+    return np.concatenate(sample)
+
+
+def _empty_state(layout: Layout) -> IndexState:
+    no_ids = np.empty(0, dtype=np.int64)
+    return IndexState(layout, 0, no_ids, np.empty((0, 0), dtype=np.float32), np.empty(0, dtype=np.uint8), no_ids)
 
 
 def _flat_vectors(flat) -> np.ndarray:

@@ -175,3 +175,31 @@ def test_from_env_reads_durability_and_metadata_variables():
 def test_from_env_rejects_bad_durability_value(name, value):
     with pytest.raises(ConfigError, match=f"IMGSEARCH_INDEX_{name}"):
         from_env({f"IMGSEARCH_INDEX_{name}": value})
+
+
+def test_from_env_reads_the_index_settings():
+    config = from_env({
+        "IMGSEARCH_INDEX_KIND": "hnsw",
+        "IMGSEARCH_INDEX_ENCODING": "sq8",
+        "IMGSEARCH_INDEX_IVF_MIN_ITEMS": "5000",
+        "IMGSEARCH_INDEX_NLIST": "128",
+        "IMGSEARCH_INDEX_NPROBE": "8",
+        "IMGSEARCH_INDEX_HNSW_M": "16",
+        "IMGSEARCH_INDEX_EF_SEARCH": "40",
+        "IMGSEARCH_INDEX_TRAIN_ITEMS": "20000",
+        "IMGSEARCH_INDEX_SEARCH_BATCH_SIZE": "64",
+    })
+
+    spec = config.index_spec
+    assert (spec.kind, spec.encoding, spec.ivf_min_items, spec.nlist) == ("hnsw", "sq8", 5000, 128)
+    assert (spec.nprobe, spec.hnsw_m, spec.ef_search, spec.train_items) == (8, 16, 40, 20000)
+    assert config.search_batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("KIND", "lsh"), ("ENCODING", "pq"), ("NPROBE", "0"), ("TRAIN_ITEMS", "10"), ("HNSW_M", "1")],
+)
+def test_from_env_rejects_bad_index_setting(name, value):
+    with pytest.raises(ConfigError, match=f"IMGSEARCH_INDEX_{name}"):
+        from_env({f"IMGSEARCH_INDEX_{name}": value})

@@ -19,7 +19,13 @@ from index_service.snapshot import (
 )
 
 _HEADER = SnapshotHeader(
-    model_id="fake-clip", dim=16, last_row_id=42, last_removal_id=3, item_count=3, created_at="2026-01-01T00:00:00"
+    model_id="fake-clip",
+    dim=16,
+    last_row_id=42,
+    last_removal_id=3,
+    item_count=3,
+    created_at="2026-01-01T00:00:00",
+    index_layout={"kind": "flat", "encoding": "float32", "nlist": 0, "hnsw_m": 0, "trained_items": 0},
 )
 
 
@@ -28,6 +34,8 @@ def _snapshot() -> Snapshot:
         header=_HEADER,
         vector_row_ids=np.array([3, 7, 42], dtype=np.int64),
         vectors=np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32),
+        vector_index=np.arange(5, dtype=np.uint8),
+        masked_row_ids=np.array([7], dtype=np.int64),
         phash_row_ids=np.array([3, 7, 42], dtype=np.int64),
         phash_values=np.array([0, 2**63, 2**64 - 1], dtype=np.uint64),
         phash_versions=np.array([1, 1, 2], dtype=np.uint32),
@@ -41,7 +49,8 @@ def path(tmp_path):
 
 def _assert_same(read: Snapshot, written: Snapshot) -> None:
     assert read.header == written.header
-    for field in ("vector_row_ids", "vectors", "phash_row_ids", "phash_values", "phash_versions"):
+    for field in ("vector_row_ids", "vectors", "vector_index", "masked_row_ids", "phash_row_ids", "phash_values",
+                  "phash_versions"):
         assert getattr(read, field).dtype == getattr(written, field).dtype
         np.testing.assert_array_equal(getattr(read, field), getattr(written, field))
 
@@ -59,6 +68,8 @@ def test_round_trip_of_empty_sections(path):
         header=dataclasses.replace(_HEADER, item_count=0),
         vector_row_ids=np.empty(0, dtype=np.int64),
         vectors=np.empty((0, 0), dtype=np.float32),
+        vector_index=np.empty(0, dtype=np.uint8),
+        masked_row_ids=np.empty(0, dtype=np.int64),
         phash_row_ids=np.empty(0, dtype=np.int64),
         phash_values=np.empty(0, dtype=np.uint64),
         phash_versions=np.empty(0, dtype=np.uint32),

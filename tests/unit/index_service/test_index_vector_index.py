@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from imgsearch_common.config import ConfigError
-from index_service.vector_index import INDEX_TYPE, ReadWriteLock, VectorIndex
+from index_service.rwlock import ReadWriteLock
+from index_service.vector_index import VectorIndex
 
 _DIM = 32
 
@@ -99,7 +100,7 @@ def test_add_rejects_mismatched_counts(cpu_index):
 
 
 def test_index_type_and_device(cpu_index):
-    assert cpu_index.index_type == INDEX_TYPE
+    assert cpu_index.index_type == "IDMap2,Flat"
     assert cpu_index.device == "cpu"
 
 
