@@ -79,3 +79,8 @@ SOAK_S ?= 60
 
 soak: venv ## Load both services for SOAK_S seconds (default 60) and check them; writes bench/results/soak.json
 	$(BIN)/python -m bench.soak --duration '$(SOAK_S)' --out bench/results/soak.json
+
+.PHONY: test-node
+test-node: venv ## Run the Node.js client's tests against live services
+	@command -v npm >/dev/null || { echo "test-node needs Node.js 20 or newer, with npm, on PATH"; exit 2; }
+	cd clients/node && npm ci --no-audit --no-fund && IMGSEARCH_PYTHON='$(abspath $(BIN))/python' npm test

@@ -86,8 +86,8 @@ class BackendHealth:
 
     A probe (the embedder's check_ready) runs every interval_s seconds and sets the status from its
     result. The probe is skipped while the service is SERVING and real traffic has embedded an image
-    since the last probe. Between probes, failure_threshold images in a row that fail with
-    UNAVAILABLE turn the status NOT_SERVING at once. Only a passing probe turns it SERVING again.
+    or a text since the last probe. Between probes, failure_threshold images or texts in a row that
+    fail with UNAVAILABLE turn the status NOT_SERVING at once. Only a passing probe turns it SERVING again.
     """
 
     def __init__(
@@ -190,6 +190,15 @@ class HealthRecordingEmbedder:
         self._backend_health.record_results(results)
         return results
 
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        try:
+            vector = self._embedder.embed_text(text, timeout_s)
+        except UnavailableError as error:
+            self._backend_health.record_results([error])
+            raise
+        self._backend_health.record_results([vector])
+        return vector
+
     def check_ready(self) -> None:
         self._embedder.check_ready()
 
@@ -198,7 +207,7 @@ class HealthRecordingEmbedder:
 
 
 class MeteredEmbedder:
-    """An embedder that delegates to another and records each embed call's duration and image count, by backend."""
+    """An embedder that delegates to another and records each embed call's duration, and its image or text count, by backend."""
 
     def __init__(self, embedder: Embedder, metrics: ServiceMetrics, backend: str):
         self._embedder = embedder
@@ -207,6 +216,13 @@ class MeteredEmbedder:
         ).labels(backend)
         self._images_embedded = metrics.counter(
             "imgsearch_embed_images", "Images sent to the backend to embed, by backend.", ["backend"]
+        ).labels(backend)
+        self._text_duration = metrics.histogram(
+            "imgsearch_embed_text_duration_seconds", "Duration in seconds of one backend text embed call, by backend.",
+            ["backend"],
+        ).labels(backend)
+        self._texts_embedded = metrics.counter(
+            "imgsearch_embed_texts", "Texts sent to the backend to embed, by backend.", ["backend"]
         ).labels(backend)
 
     def info(self) -> ModelInfo:
@@ -219,6 +235,14 @@ class MeteredEmbedder:
         finally:
             self._embed_duration.observe(time.perf_counter() - started)
             self._images_embedded.inc(len(images))
+
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return self._embedder.embed_text(text, timeout_s)
+        finally:
+            self._text_duration.observe(time.perf_counter() - started)
+            self._texts_embedded.inc()
 
     def check_ready(self) -> None:
         self._embedder.check_ready()

@@ -1,4 +1,4 @@
-"""The gRPC edge of the embed service: streams images into batches and embeddings back out."""
+"""The gRPC edge of the embed service: streams images into batches and embeddings back out, and embeds text."""
 
 import math
 import time
@@ -12,6 +12,7 @@ from embed_service.backends.base import Embedder
 from imgsearch.common.v1 import common_pb2
 from imgsearch.embed.v1 import embed_service_pb2, embed_service_pb2_grpc
 from imgsearch_common import grpc_errors
+from imgsearch_common.errors import InvalidInputError
 from imgsearch_common.fingerprints import Fingerprint
 from imgsearch_common.serving import remaining_seconds
 from imgsearch_common.streams import RequestBatcher
@@ -19,10 +20,13 @@ from imgsearch_common.streams import RequestBatcher
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = embed_service_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name
+# Maximum size of one text in UTF-8 bytes. CLIP reads at most 75 tokens, a few hundred bytes of English.
+# The limit leaves room for scripts that take more bytes a token, and bounds the tokenizer's work.
+MAX_TEXT_BYTES = 4096
 
 
 class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
-    """Serves EmbedImages and GetModelInfo over one embedder."""
+    """Serves EmbedImages, EmbedText and GetModelInfo over one embedder."""
 
     def __init__(self, embedder: Embedder, batch_size: int, analyser: ImageAnalyser | None = None):
         self._embedder = embedder
@@ -40,6 +44,16 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged the details")
         finally:
             reader.close()
+
+    @grpc_errors.abort_on_error
+    def EmbedText(self, request, context):
+        _check_text(request.text)
+        vector = self._embedder.embed_text(request.text, remaining_seconds(context, math.inf))
+        # After the embedding, as for images: the Inference backend learns its dim from the first one.
+        model_id = self._embedder.info().model_id
+        return embed_service_pb2.EmbedTextResponse(
+            embedding=common_pb2.Embedding(values=vector.tolist(), model_id=model_id)
+        )
 
     @grpc_errors.abort_on_error
     def GetModelInfo(self, request, context):
@@ -95,6 +109,17 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         for index, result in zip(positions, embedded, strict=True):
             results[index] = result
         return results, model_id
+
+
+def _check_text(text: str) -> None:
+    if not text.strip():
+        raise InvalidInputError("text is empty or only whitespace; give the words to search for")
+    size = len(text.encode("utf-8"))
+    if size > MAX_TEXT_BYTES:
+        raise InvalidInputError(
+            f"text is {size} bytes in UTF-8, above the limit of {MAX_TEXT_BYTES} bytes; CLIP reads only "
+            "its first 75 tokens, so send a shorter text"
+        )
 
 
 def _fingerprint_message(fingerprint: Fingerprint) -> common_pb2.ImageFingerprint:

@@ -22,6 +22,13 @@ def _address(value: str, lowest_port: int) -> str:
     return value
 
 
+def search_text(value: str) -> str:
+    """Accept a text to search for: anything but an empty or whitespace-only string."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected words to search for, got an empty text")
+    return value
+
+
 def non_negative_int(value: str) -> int:
     """Accept an integer of 0 or more."""
     try:

@@ -6,7 +6,7 @@ import pathlib
 import sys
 
 from imgsearch_client import commands, dupes
-from imgsearch_client.arguments import host_port, listen_address, non_negative_int, positive_float, score
+from imgsearch_client.arguments import host_port, listen_address, non_negative_int, positive_float, score, search_text
 
 DEFAULT_EMBED_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEX_ADDR = "127.0.0.1:50052"
@@ -100,9 +100,11 @@ def _add_ingest(subcommands) -> None:
 
 
 def _add_search(subcommands) -> None:
-    search = _subparser(subcommands, "search", "find the stored images closest to a query image")
+    search = _subparser(subcommands, "search", "find the stored images closest to a query image or text")
     search.add_argument("image", nargs="?", metavar="IMAGE", help="query image file")
     search.add_argument("--item-id", help="search with a stored item instead of an image file")
+    search.add_argument("--text", type=search_text,
+                        help='search with a text instead of an image file, for example "a dog on a sofa"')
     search.add_argument("--addr", type=host_port, default=DEFAULT_INDEX_ADDR, help="HOST:PORT of the index service")
     search.add_argument("-k", type=non_negative_int, default=10, help="number of neighbours; 0 means the server's default")
     search.add_argument("--min-score", type=score, help="leave out neighbours scoring below this cosine, in [-1, 1]")
@@ -184,8 +186,8 @@ def _add_fetch_model(subcommands) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit status."""
     args = build_parser().parse_args(argv)
-    if args.command == "search" and (args.image is None) == (args.item_id is None):
-        args.command_parser.error("give either an IMAGE file or --item-id, not both or neither")
+    if args.command == "search" and [args.image, args.item_id, args.text].count(None) != 2:
+        args.command_parser.error("give either an IMAGE file or --item-id or --text, and only one of them")
     if args.command == "update-metadata":
         _check_update_metadata(args)
     try:

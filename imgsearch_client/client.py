@@ -240,11 +240,15 @@ class IndexClient:
         image: bytes | None = None,
         embedding: Iterable[float] | None = None,
         item_id: str | None = None,
+        text: str | None = None,
         k: int = 10,
         min_score: float | None = None,
     ) -> list[Neighbour]:
-        """Return the neighbours of exactly one query: image bytes, an embedding or a stored item_id."""
-        request = _search_request(image, embedding, item_id, k, min_score)
+        """Return the neighbours of exactly one query: image bytes, an embedding, a stored item_id or a text.
+
+        A text is embedded with the text tower of the collection's CLIP model, for example "a dog on a sofa".
+        """
+        request = _search_request(image, embedding, item_id, text, k, min_score)
         try:
             response = self._stub.Search(request, timeout=self._timeout_s)
         except grpc.RpcError as error:
@@ -445,17 +449,19 @@ def check_health(
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def _search_request(image, embedding, item_id, k, min_score) -> index_service_pb2.SearchRequest:
-    given = [value is not None for value in (image, embedding, item_id)]
+def _search_request(image, embedding, item_id, text, k, min_score) -> index_service_pb2.SearchRequest:
+    given = [value is not None for value in (image, embedding, item_id, text)]
     if sum(given) != 1:
-        raise ValueError("search needs exactly one of image, embedding or item_id")
+        raise ValueError("search needs exactly one of image, embedding, item_id or text")
     request = index_service_pb2.SearchRequest(k=k)
     if image is not None:
         request.image = image
     elif embedding is not None:
         request.embedding.CopyFrom(common_pb2.Embedding(values=list(embedding)))
-    else:
+    elif item_id is not None:
         request.item_id = item_id
+    else:
+        request.text = text
     if min_score is not None:
         request.min_score = min_score
     return request

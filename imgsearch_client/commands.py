@@ -166,11 +166,13 @@ def _report_outcome(outcome, as_json: bool, bar: tqdm) -> None:
 
 
 def search(args, connection: Connection = Connection()) -> int:
-    """Search with an image file or a stored item_id and print the neighbours, best first."""
+    """Search with an image file, a stored item_id or a text, and print the neighbours, best first."""
     query = _read(pathlib.Path(args.image)) if args.image else None
     with connection.client(args.addr, timeout_s=args.timeout) as client:
         try:
-            neighbours = client.search(image=query, item_id=args.item_id, k=args.k, min_score=args.min_score)
+            neighbours = client.search(
+                image=query, item_id=args.item_id, text=args.text, k=args.k, min_score=args.min_score
+            )
         except (ClientError, ValueError) as error:
             raise CommandError(str(error)) from None
 

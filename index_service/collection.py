@@ -26,7 +26,7 @@ from imgsearch_common.errors import (
 from imgsearch_common.fingerprints import Fingerprint
 from imgsearch_common.images import describe_image
 from index_service.audit import AuditEvent, DuplicateAudit, audit_settings
-from index_service.candidates import CandidateFinder, Duplicate, MatchedItem
+from index_service.candidates import CandidateFinder, Duplicate, MatchedItem, PendingItem
 from index_service.duplicates import (
     MATCH_RANK,
     MatchKind,
@@ -93,7 +93,7 @@ class CollectionLimits:
     max_image_pixels: int = 50_000_000
     near_max_candidates: int = 200
     metadata: MetadataLimits = MetadataLimits()
-    search_batch_size: int = 256
+    search_batch_size: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,14 @@ class ItemQuery:
     item_id: str
 
 
-Query = ImageQuery | VectorQuery | ItemQuery
+@dataclasses.dataclass(frozen=True)
+class TextQuery:
+    """A search by a text, which the embedder embeds with the text tower of the collection's CLIP model."""
+
+    text: str
+
+
+Query = ImageQuery | VectorQuery | ItemQuery | TextQuery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,17 +567,18 @@ class Collection:
         hashes = {e.fingerprint.pixel_sha256 for _, e in embedded if e.fingerprint is not None}
         stored_by_pixel_sha256 = self._store.items_by_pixel_sha256(hashes)
         kept: list[tuple[Candidate, Embedding]] = []
+        kept_pending: list[PendingItem] = []
         duplicate_by_position = {}
         for candidate, embedding in embedded:
-            duplicate = self._candidates.duplicate_of(
-                pending_item(candidate, embedding),
-                candidate.duplicate_match,
-                stored_by_pixel_sha256,
-                [pending_item(c, e) for c, e in kept],
-                self._near_policy,
-            )
+            pending = pending_item(candidate, embedding)
+            duplicate = None
+            if embedding.fingerprint is not None:
+                duplicate = self._candidates.duplicate_of(
+                    pending, candidate.duplicate_match, stored_by_pixel_sha256, kept_pending, self._near_policy
+                )
             if duplicate is None or candidate.on_duplicate is OnDuplicate.ADD:
                 kept.append((candidate, embedding))
+                kept_pending.append(pending)
                 if duplicate is not None:
                     duplicate_by_position[candidate.position] = duplicate
             elif candidate.on_duplicate is OnDuplicate.SKIP:
@@ -755,6 +763,8 @@ class Collection:
             return None if vector is None else _QueryTarget(vector, None)
         if isinstance(query, ImageQuery):
             return self._embedded_query(query.image, timeout_s)
+        if isinstance(query, TextQuery):
+            return self._embedded_text_query(query.text, timeout_s)
         raise TypeError(f"unsupported query type {type(query).__name__}")
 
     def _stored_item(self, item_id: str) -> StoredItem:
@@ -789,6 +799,23 @@ class Collection:
         if vector is None:
             raise invalid_embedding_from_service()
         return _QueryTarget(vector, output.fingerprint)
+
+    def _embedded_text_query(self, text: str, timeout_s: float) -> _QueryTarget | None:
+        """Embed a text query. It has no fingerprint, so its neighbours are unlabelled, never duplicates."""
+        if not text.strip():
+            raise InvalidInputError("text is empty or only whitespace; give the words to search for")
+        if self._dim is None:
+            return None
+        if timeout_s <= 0:
+            raise DeadlineExceededError("the deadline ran out before the query text could be embedded")
+
+        output = self._embedder.embed_text(text, timeout_s)
+        if (output.model_id, output.vector.shape[0]) != (self._model_id, self._dim):
+            raise model_mismatch(self._model_id, self._dim, output)
+        vector = normalised(output.vector)
+        if vector is None:
+            raise invalid_embedding_from_service()
+        return _QueryTarget(vector, None)
 
     def _classified_hits(
         self, hits: list[Hit], target: _QueryTarget, policy: NearDuplicatePolicy, stored_by_row_id: dict

@@ -33,7 +33,7 @@ _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class EmbedClient:
-    """Embeds images with the embed service at address; safe to share between threads."""
+    """Embeds images and text with the embed service at address; safe to share between threads."""
 
     def __init__(
         self,
@@ -98,6 +98,21 @@ class EmbedClient:
             )
             outputs.extend(failure for _ in range(len(images) - len(outputs)))
         return outputs
+
+
+    def embed_text(self, text: str, timeout_s: float) -> Embedding:
+        """Embed text in one EmbedText call with a deadline of timeout_s.
+
+        Raises the domain error of the call's status (see _text_call_error).
+        """
+        try:
+            response = self._stub.EmbedText(
+                embed_service_pb2.EmbedTextRequest(text=text), timeout=timeout_s, metadata=outgoing_metadata()
+            )
+        except grpc.RpcError as error:
+            raise _text_call_error(error) from error
+        vector = np.asarray(response.embedding.values, dtype=np.float32)
+        return Embedding(vector=vector, model_id=response.embedding.model_id)
 
 
 def item_error_to_exception(code: int, code_name: str, message: str) -> errors.ImgsearchError:
@@ -166,6 +181,24 @@ def _checked_fingerprint(
     except ValueError as error:
         ignored_fingerprints.append(str(error))
         return None
+
+
+def _text_call_error(error: grpc.RpcError) -> errors.ImgsearchError:
+    """Convert a failed EmbedText call into the domain error of its status.
+
+    The statuses that name a problem of the text or of the embed service's model keep their
+    meaning. UNIMPLEMENTED, from an embed service without EmbedText, is FailedPreconditionError,
+    and any other status is UnavailableError.
+    """
+    code = error.code()
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceededError("the embed service did not respond to EmbedText before the deadline")
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return errors.FailedPreconditionError(
+            "the embed service does not implement EmbedText; run an embed service version with text search"
+        )
+    error_type = _ERROR_BY_CODE.get(code.value[0], errors.UnavailableError)
+    return error_type(f"the embed service call EmbedText failed with {code.name}: {error.details()}")
 
 
 def _call_error(error: grpc.RpcError, method: str) -> errors.ImgsearchError:

@@ -22,6 +22,7 @@ from index_service.collection import (
     Query,
     SearchEffort,
     SearchSpec,
+    TextQuery,
     VectorQuery,
 )
 from index_service.duplicates import MatchKind, OnDuplicate, PolicyOverrides
@@ -57,18 +58,30 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
     """IndexService over one collection."""
 
     def __init__(
-        self, collection: Collection, ingest_batch_size: int, embed_timeout_s: float, search_batch_size: int = 256
+        self,
+        collection: Collection,
+        ingest_batch_size: int,
+        embed_timeout_s: float,
+        search_batch_size: int = 1024,
+        vector_batch_size: int = 512,
     ):
         self._collection = collection
         self._batch_size = ingest_batch_size
         self._embed_timeout_s = embed_timeout_s
         self._search_batch_size = search_batch_size
+        self._vector_batch_size = max(vector_batch_size, ingest_batch_size)
 
     def IngestImages(self, request_iterator, context):
-        reader = RequestBatcher(request_iterator, max_buffered=self._batch_size, name="ingest-reader")
+        reader = RequestBatcher(
+            request_iterator,
+            max_buffered=self._vector_batch_size,
+            name="ingest-reader",
+            is_heavy=_is_image,
+            max_heavy_buffered=self._batch_size,
+        )
         counts = dict.fromkeys(_STATUS_MESSAGES.values(), 0)
         try:
-            while (requests := reader.next_batch(self._batch_size)) is not None:
+            while (requests := reader.next_batch(self._vector_batch_size, max_heavy=self._batch_size)) is not None:
                 for response in self._ingest_batch(requests, context):
                     counts[response.status] += 1
                     yield response
@@ -252,7 +265,14 @@ def _query_of(request: index_service_pb2.SearchRequest) -> Query:
         return VectorQuery(values=request.embedding.values, model_id=request.embedding.model_id)
     if which == "item_id":
         return ItemQuery(item_id=request.item_id)
-    raise InvalidInputError("query is not set; set one of image, embedding or item_id")
+    if which == "text":
+        return TextQuery(text=request.text)
+    raise InvalidInputError("query is not set; set one of image, embedding, item_id or text")
+
+
+def _is_image(request: index_service_pb2.IngestImagesRequest) -> bool:
+    """Return whether an ingest request carries an image, which costs far more than an embedding."""
+    return request.WhichOneof("content") != "embedding"
 
 
 def _search_spec_of(request: index_service_pb2.SearchRequest) -> SearchSpec:

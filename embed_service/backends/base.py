@@ -24,7 +24,7 @@ class ModelInfo:
 
 
 class Embedder(Protocol):
-    """Something that turns encoded images into L2-normalised float32 embeddings.
+    """Something that turns encoded images, and text, into L2-normalised float32 embeddings.
 
     Implementations are thread-safe and never import grpc.
     """
@@ -40,8 +40,16 @@ class Embedder(Protocol):
         hits every image at once, such as DeadlineExceededError, may be raised instead.
         """
 
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        """Embed one text with the text tower of the model that embeds images, as a float32 embedding of norm 1.
+
+        The caller has rejected empty and oversized text. Text longer than the model's context is
+        cut to fit. timeout_s is as for embed_images. Raises FailedPreconditionError when the
+        backend has no text model, and the domain error of any other failure.
+        """
+
     def check_ready(self) -> None:
-        """Raise UnavailableError, naming the cause, unless the embedder can embed now."""
+        """Raise UnavailableError, naming the cause, unless the embedder can embed images now."""
 
     def close(self) -> None:
         """Release threads, sessions and connections. Later calls raise UnavailableError."""

@@ -1,5 +1,6 @@
-"""A deterministic test embedder: a fixed random projection of a small RGB thumbnail."""
+"""A deterministic test embedder: a fixed random projection of a small RGB thumbnail, and a hash of text."""
 
+import hashlib
 import threading
 import time
 
@@ -23,7 +24,9 @@ class HashEmbedder:
     """Embeds the 16x16 box-filtered thumbnail of each image through a seeded Gaussian projection.
 
     Identical pixels give identical vectors, and images with close thumbnails give close
-    vectors. The embeddings carry no meaning beyond that, and exist for tests and quick runs.
+    vectors. A text's vector is a Gaussian vector seeded by the SHA-256 of its UTF-8 bytes, so
+    equal texts give equal vectors and any other two are unrelated. The embeddings carry no
+    meaning beyond that, and exist for tests and quick runs.
     """
 
     def __init__(self, max_image_pixels: int):
@@ -45,6 +48,13 @@ class HashEmbedder:
             else:
                 results.append(self._embed_or_error(data))
         return results
+
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        self.check_ready()
+        if timeout_s <= 0:
+            raise DeadlineExceededError("the deadline ran out before the text was embedded")
+        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+        return l2_normalise(np.random.default_rng(seed).standard_normal(DIM))
 
     def check_ready(self) -> None:
         if self._closed.is_set():

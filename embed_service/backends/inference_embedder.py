@@ -1,4 +1,4 @@
-"""An embedder that sends each image to a Roboflow Inference server's CLIP endpoint over HTTP."""
+"""An embedder that sends each image, or text, to a Roboflow Inference server's CLIP endpoints over HTTP."""
 
 import base64
 import functools
@@ -18,6 +18,7 @@ from PIL import Image
 from requests.adapters import HTTPAdapter
 
 from embed_service.backends.base import ImageInput, ModelInfo, l2_normalise
+from embed_service.tokenizer import default_tokenizer
 from imgsearch_common.errors import (
     DeadlineExceededError,
     ImgsearchError,
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 BACKEND = "inference"
 EMBED_IMAGE_PATH = "/clip/embed_image"
+EMBED_TEXT_PATH = "/clip/embed_text"
 
 # Maximum number of characters of a server's error body that are copied into error messages.
 _MAX_SERVER_MESSAGE_CHARS = 300
@@ -53,9 +55,13 @@ class _RetryableError(UnavailableError):
 class InferenceEmbedder:
     """Embeds images with `POST {url}/clip/embed_image`, one image per request, a few in parallel.
 
-    Only the image bytes are sent (base64 in JSON), never a URL for the server to fetch. The
-    server's vectors are not normalised, so each one is L2-normalised here. The dim is learned
-    from the first embedding and every later one must match it.
+    Only the image bytes are sent (base64 in JSON), never a URL for the server to fetch. Text goes
+    to `POST {url}/clip/embed_text` as {"text": ...}. The server's vectors are not normalised, so
+    each one is L2-normalised here. The dim is learned from the first embedding and every later
+    one, of an image or a text, must match it.
+
+    The server rejects text longer than CLIP's context with HTTP 400 (inference 1.8.3), so such
+    text is cut to fit first (see ClipTokenizer.fit_to_context).
 
     Each attempt, its response body included, ends within the smaller of timeout_s and the
     caller's remaining time (see the NOTE in _send for the headers). An HTTP 5xx status or a
@@ -75,7 +81,6 @@ class InferenceEmbedder:
         backoff_s: float = 0.2,
     ):
         self._url = url.rstrip("/")
-        self._endpoint = self._url + EMBED_IMAGE_PATH
         self._api_key = api_key
         self._clip_version_id = clip_version_id
         self._timeout_s = timeout_s
@@ -117,6 +122,20 @@ class InferenceEmbedder:
         _log_failures(results, self._url)
         return results
 
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        self._raise_if_closed()
+        started = time.monotonic()
+        deadline = started + timeout_s
+        payload = self._text_payload(default_tokenizer().fit_to_context(text))
+        future = self._pool.submit(self._embed_text_or_error, payload, deadline)
+        # The same bound as for images, and for the same reason: see embed_images.
+        ends = min(deadline, started + (self._retries + 1) * (self._timeout_s + _MAX_BACKOFF_S))
+        result = self._result_by(future, ends, started, limited_by_caller=ends == deadline)
+        _log_failures([result], self._url)
+        if isinstance(result, ImgsearchError):
+            raise result
+        return result
+
     def _result_by(
         self, future: futures.Future, ends: float, started: float, limited_by_caller: bool
     ) -> np.ndarray | ImgsearchError:
@@ -133,8 +152,9 @@ class InferenceEmbedder:
         """
         self._raise_if_closed()
         try:
-            status, body = self._post(self._payload(_probe_image()), time.monotonic() + self._timeout_s)
-            self._parse_embedding(status, body)
+            payload = self._image_payload(_probe_image())
+            status, body = self._post(EMBED_IMAGE_PATH, payload, time.monotonic() + self._timeout_s)
+            self._parse_embedding(status, body, "image")
         except ImgsearchError as error:
             raise UnavailableError(
                 f"the Inference server at {self._url} failed the probe embedding: {error}"
@@ -151,12 +171,18 @@ class InferenceEmbedder:
 
     def _embed_one(self, image: ImageInput, deadline: float) -> np.ndarray | ImgsearchError:
         try:
-            return self._embed_with_retries(self._payload(_bytes_to_send(image)), deadline)
+            return self._embed_with_retries(EMBED_IMAGE_PATH, self._image_payload(_bytes_to_send(image)), deadline)
         except ImgsearchError as error:
             return error
 
-    def _embed_with_retries(self, payload: dict, deadline: float) -> np.ndarray:
-        """Send the image until it is embedded, it fails in a way not worth retrying, or retries run out.
+    def _embed_text_or_error(self, payload: dict, deadline: float) -> np.ndarray | ImgsearchError:
+        try:
+            return self._embed_with_retries(EMBED_TEXT_PATH, payload, deadline)
+        except ImgsearchError as error:
+            return error
+
+    def _embed_with_retries(self, path: str, payload: dict, deadline: float) -> np.ndarray:
+        """Send the request until it is embedded, it fails in a way not worth retrying, or retries run out.
 
         A retry starts only when the time left covers its backoff plus as long as the failed attempt took.
         """
@@ -165,7 +191,8 @@ class InferenceEmbedder:
         for attempt in range(1, attempts + 1):
             started = time.monotonic()
             try:
-                return self._parse_embedding(*self._post(payload, deadline))
+                status, body = self._post(path, payload, deadline)
+                return self._parse_embedding(status, body, "text" if path == EMBED_TEXT_PATH else "image")
             except _RetryableError as error:
                 failure = error
             if attempt == attempts:
@@ -191,24 +218,24 @@ class InferenceEmbedder:
         suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
         raise UnavailableError(f"{failure}{suffix}") from None
 
-    def _post(self, payload: dict, deadline: float) -> tuple[int, bytes]:
+    def _post(self, path: str, payload: dict, deadline: float) -> tuple[int, bytes]:
         """Send one request and return the status and body, or raise a domain error.
 
         The whole exchange ends by the deadline and within timeout_s.
         """
         if not self._acquire_slot(deadline):
             raise DeadlineExceededError(
-                "the deadline ran out while the image waited for a free connection to the Inference server"
+                "the deadline ran out while the request waited for a free connection to the Inference server"
             )
         try:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(
-                    "the deadline ran out before the image was sent to the Inference server"
+                    "the deadline ran out before the request was sent to the Inference server"
                 )
             budget = min(self._timeout_s, remaining)
             try:
-                return self._send(payload, budget)
+                return self._send(self._url + path, payload, budget)
             except requests.Timeout:
                 raise self._timeout_error(budget, limited_by_caller=remaining < self._timeout_s) from None
             except requests.ConnectionError as error:
@@ -228,14 +255,14 @@ class InferenceEmbedder:
             return self._slots.acquire()
         return self._slots.acquire(timeout=max(0.0, remaining))
 
-    def _send(self, payload: dict, budget: float) -> tuple[int, bytes]:
+    def _send(self, endpoint: str, payload: dict, budget: float) -> tuple[int, bytes]:
         ends = time.monotonic() + budget
         # total= gives the wait for the status line only what the connect left of the budget.
         # NOTE: that wait is bounded per socket read, not as a whole, so a server that trickles
         # its status line and headers can hold this thread past its budget. The body cannot, and
         # embed_images stops waiting for the thread at the deadline.
         timeout = urllib3.Timeout(total=budget)
-        with self._session.post(self._endpoint, json=payload, timeout=timeout, stream=True) as response:
+        with self._session.post(endpoint, json=payload, timeout=timeout, stream=True) as response:
             return response.status_code, _read_body(response, ends)
 
     def _timeout_error(self, budget: float, limited_by_caller: bool) -> ImgsearchError:
@@ -247,21 +274,25 @@ class InferenceEmbedder:
             f"the Inference server at {self._url} did not complete its response within {budget:.3g} s"
         )
 
-    def _payload(self, data: bytes) -> dict:
-        payload = {
-            "image": {"type": "base64", "value": base64.b64encode(data).decode("ascii")},
-            "clip_version_id": self._clip_version_id,
-        }
+    def _image_payload(self, data: bytes) -> dict:
+        return self._with_model({"image": {"type": "base64", "value": base64.b64encode(data).decode("ascii")}})
+
+    def _text_payload(self, text: str) -> dict:
+        return self._with_model({"text": text})
+
+    def _with_model(self, payload: dict) -> dict:
+        payload["clip_version_id"] = self._clip_version_id
         if self._api_key:
             payload["api_key"] = self._api_key
         return payload
 
-    def _parse_embedding(self, status: int, body: bytes) -> np.ndarray:
+    def _parse_embedding(self, status: int, body: bytes, subject: str) -> np.ndarray:
+        """Return the normalised vector of a response, or raise; subject ("image" or "text") names the input."""
         if status == 400:
-            raise InvalidInputError(f"the Inference server rejected the image: {self._server_text(body)}")
+            raise InvalidInputError(f"the Inference server rejected the {subject}: {self._server_text(body)}")
         if status == 413:
             raise TooLargeError(
-                f"the Inference server rejected the image as too large: {self._server_text(body)}"
+                f"the Inference server rejected the {subject} as too large: {self._server_text(body)}"
             )
         if 500 <= status <= 599:
             raise _RetryableError(
@@ -278,7 +309,7 @@ class InferenceEmbedder:
             raise UnavailableError(
                 f"the Inference server returned a body that is not JSON: {self._server_text(body)}"
             ) from None
-        vector = _vector_from_json(parsed)
+        vector = _vector_from_json(parsed, subject)
         self._check_dim(vector.size)
         return l2_normalise(vector)
 
@@ -346,13 +377,13 @@ def _set_socket_timeout(raw: urllib3.HTTPResponse, seconds: float) -> None:
         socket.settimeout(seconds)
 
 
-def _vector_from_json(body) -> np.ndarray:
+def _vector_from_json(body, subject: str) -> np.ndarray:
     """Return the one vector of an {"embeddings": [[...]]} body, raising UnavailableError if malformed."""
     embeddings = body.get("embeddings") if isinstance(body, dict) else None
     if not isinstance(embeddings, list) or len(embeddings) != 1:
         count = len(embeddings) if isinstance(embeddings, list) else "no"
         raise UnavailableError(
-            f"the Inference server returned {count} embeddings for one image, expected exactly one"
+            f"the Inference server returned {count} embeddings for one {subject}, expected exactly one"
         )
 
     values = embeddings[0]

@@ -1,4 +1,4 @@
-"""An embedder that runs a CLIP visual model in-process with ONNX Runtime."""
+"""An embedder that runs a CLIP model's visual and text towers in-process with ONNX Runtime."""
 
 import dataclasses
 import functools
@@ -15,15 +15,23 @@ import structlog
 
 from embed_service.backends.base import ImageInput, ModelInfo, l2_normalise, picture_of
 from embed_service.preprocess import INPUT_SIZE, preprocess
-from imgsearch_common.errors import DeadlineExceededError, ImgsearchError, UnavailableError
+from embed_service.tokenizer import CONTEXT_LENGTH, END_OF_TEXT_ID, START_OF_TEXT_ID, ClipTokenizer
+from imgsearch_common.errors import DeadlineExceededError, FailedPreconditionError, ImgsearchError, UnavailableError
 
 log = structlog.get_logger(__name__)
 
 BACKEND = "onnx"
 MODEL_FILE = "visual.onnx"
+TEXT_MODEL_FILE = "textual.onnx"
 METADATA_FILE = "imgsearch-model.json"
 # Name of the embedding output in CLIP visual exports that have several outputs. Without it, output 0 is used.
 EMBEDDING_OUTPUT = "image_embeds"
+# The same for CLIP text exports.
+TEXT_EMBEDDING_OUTPUT = "text_embeds"
+# Input names of CLIP text exports: the token ids, and in some exports a mask of the real tokens.
+TEXT_IDS_INPUT = "input_ids"
+TEXT_MASK_INPUT = "attention_mask"
+_TEXT_INPUT_TYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 # Pillow releases the GIL while it decodes and resizes, so a few threads overlap that work.
 _PREPROCESS_WORKERS = 4
@@ -39,12 +47,34 @@ class _LoadedModel:
     info: ModelInfo
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoadedTextModel:
+    session: onnxruntime.InferenceSession
+    tokenizer: ClipTokenizer
+    ids_type: type
+    mask_type: type | None
+    output_name: str
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Run the model on one text's ids, zero-padded to the context length, and return the raw vector."""
+        feeds = {TEXT_IDS_INPUT: _padded(ids, self.tokenizer.context_length, self.ids_type)}
+        if self.mask_type is not None:
+            feeds[TEXT_MASK_INPUT] = _padded([1] * len(ids), self.tokenizer.context_length, self.mask_type)
+        return self.session.run([self.output_name], feeds)[0][0]
+
+
 class OnnxEmbedder:
     """Embeds images with MODEL_DIR/visual.onnx on the CPU: decode and preprocess, then one run per batch.
 
     The model is loaded on first use, so a service can start before its model file exists and
     turn ready once it appears. MODEL_DIR/imgsearch-model.json may set "model_id" and
     "random_weights". Without a model_id, the id is "onnx-" and 12 hex digits of the file's SHA-256.
+
+    Text is tokenized with CLIP's BPE vocabulary and embedded with MODEL_DIR/textual.onnx, loaded on
+    the first text, which must take token ids (int32 or int64, [batch, context]) and return
+    embeddings of the image model's dim. The context length is imgsearch-model.json's
+    "context_length", 77 by default. Without textual.onnx, images are still embedded and text
+    raises FailedPreconditionError.
     """
 
     def __init__(self, model_dir: Path, threads: int, max_image_pixels: int):
@@ -56,6 +86,9 @@ class OnnxEmbedder:
         )
         self._lock = threading.Lock()
         self._model: _LoadedModel | None = None
+        # A separate lock, so that images are embedded while the text model loads.
+        self._text_lock = threading.Lock()
+        self._text_model: _LoadedTextModel | None = None
         self._closed = False
 
     def info(self) -> ModelInfo:
@@ -85,10 +118,20 @@ class OnnxEmbedder:
             results[index] = _normalised_or_error(vector)
         return results
 
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        deadline = time.monotonic() + timeout_s
+        model = self._loaded_text_model()
+        ids = model.tokenizer.encode(text)
+        if time.monotonic() >= deadline:
+            raise DeadlineExceededError("the deadline ran out before the model ran on the text")
+        return l2_normalise(model.embed(ids))
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._model = None
+        with self._text_lock:
+            self._text_model = None
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _loaded_model(self) -> _LoadedModel:
@@ -98,6 +141,15 @@ class OnnxEmbedder:
             if self._model is None:
                 self._model = _load_model(self._model_dir, self._threads)
             return self._model
+
+    def _loaded_text_model(self) -> _LoadedTextModel:
+        dim = self._loaded_model().info.dim
+        with self._text_lock:
+            if self._closed:
+                raise UnavailableError("the ONNX embedder is closed")
+            if self._text_model is None:
+                self._text_model = _load_text_model(self._model_dir, self._threads, dim)
+            return self._text_model
 
     def _input_or_error(self, image: ImageInput, size: int) -> np.ndarray | ImgsearchError:
         try:
@@ -137,6 +189,86 @@ def _load_model(model_dir: Path, threads: int) -> _LoadedModel:
     return _LoadedModel(session, input_name, output_name, input_size, info)
 
 
+def _load_text_model(model_dir: Path, threads: int, dim: int) -> _LoadedTextModel:
+    """Open the text model and check it against the image model's dim, or raise FailedPreconditionError."""
+    path = model_dir / TEXT_MODEL_FILE
+    if not path.is_file():
+        raise FailedPreconditionError(
+            f"text search needs the CLIP text model {path}, which does not exist; put the textual.onnx of "
+            f"the same CLIP model beside {MODEL_FILE} (imgsearch fetch-model downloads both)"
+        )
+    context_length = _context_length(_read_metadata(model_dir / METADATA_FILE), model_dir / METADATA_FILE)
+    session = _open_session(path, threads, FailedPreconditionError)
+    ids_type, mask_type = _describe_text_inputs(session, path, context_length)
+    names = [output.name for output in session.get_outputs()]
+    output_name = TEXT_EMBEDDING_OUTPUT if TEXT_EMBEDDING_OUTPUT in names else names[0]
+    model = _LoadedTextModel(session, ClipTokenizer(context_length=context_length), ids_type, mask_type, output_name)
+
+    probe_dim = _text_output_dim(model, path)
+    if probe_dim != dim:
+        raise FailedPreconditionError(
+            f"ONNX text model {path} returns embeddings of dim {probe_dim}, but {MODEL_FILE} returns dim {dim}; "
+            "both must come from the same CLIP model"
+        )
+    log.info("onnx_text_model_loaded", path=str(path), dim=dim, context_length=context_length)
+    return model
+
+
+def _context_length(metadata: dict, path: Path) -> int:
+    value = metadata.get("context_length", CONTEXT_LENGTH)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise FailedPreconditionError(f"model metadata {path}: context_length must be an integer of 2 or more")
+    return value
+
+
+def _describe_text_inputs(
+    session: onnxruntime.InferenceSession, path: Path, context_length: int
+) -> tuple[type, type | None]:
+    """Return the numpy types of the ids input and of the optional mask input."""
+    inputs = {model_input.name: model_input for model_input in session.get_inputs()}
+    unknown = sorted(set(inputs) - {TEXT_IDS_INPUT, TEXT_MASK_INPUT})
+    if TEXT_IDS_INPUT not in inputs or unknown:
+        raise FailedPreconditionError(
+            f"ONNX text model {path} must take {TEXT_IDS_INPUT} and optionally {TEXT_MASK_INPUT}, "
+            f"its inputs are {sorted(inputs)}"
+        )
+    for model_input in inputs.values():
+        shape = model_input.shape
+        if model_input.type not in _TEXT_INPUT_TYPES or len(shape) != 2:
+            raise FailedPreconditionError(
+                f"ONNX text model {path} input {model_input.name} must be int32 or int64 of shape "
+                f"[batch, {context_length}], it is {model_input.type} {shape}"
+            )
+        if isinstance(shape[1], int) and shape[1] != context_length:
+            raise FailedPreconditionError(
+                f"ONNX text model {path} input {model_input.name} takes {shape[1]} tokens, but the context "
+                f"length is {context_length}; set context_length in {METADATA_FILE}"
+            )
+    mask = inputs.get(TEXT_MASK_INPUT)
+    return _TEXT_INPUT_TYPES[inputs[TEXT_IDS_INPUT].type], None if mask is None else _TEXT_INPUT_TYPES[mask.type]
+
+
+def _text_output_dim(model: _LoadedTextModel, path: Path) -> int:
+    """Run the model on the empty text, whose ids are the start and end tokens, and return the dim."""
+    try:
+        vector = model.embed([START_OF_TEXT_ID, END_OF_TEXT_ID])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own unrelated types for bad models
+        raise FailedPreconditionError(f"ONNX text model {path} failed on a probe text: {error}") from error
+    if vector.ndim != 1:
+        raise FailedPreconditionError(
+            f"ONNX text model {path} output {model.output_name} must have shape (batch, dim), "
+            f"got {(1, *vector.shape)}"
+        )
+    return int(vector.shape[0])
+
+
+def _padded(values: list[int], length: int, dtype: type) -> np.ndarray:
+    """Return a (1, length) array of values followed by zeros, as openai/CLIP's clip.tokenize pads."""
+    array = np.zeros((1, length), dtype=dtype)
+    array[0, : len(values)] = values
+    return array
+
+
 def _read_metadata(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -151,7 +283,9 @@ def _read_metadata(path: Path) -> dict:
     return metadata
 
 
-def _open_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+def _open_session(
+    path: Path, threads: int, error_type: type[ImgsearchError] = UnavailableError
+) -> onnxruntime.InferenceSession:
     options = onnxruntime.SessionOptions()
     if threads > 0:
         options.intra_op_num_threads = threads
@@ -161,7 +295,7 @@ def _open_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own unrelated types for bad files
-        raise UnavailableError(f"ONNX model {path} could not be loaded: {error}") from error
+        raise error_type(f"ONNX model {path} could not be loaded: {error}") from error
 
 
 def _describe_input(session: onnxruntime.InferenceSession, path: Path) -> tuple[str, int]:

@@ -1,9 +1,11 @@
-"""A local stand-in for the Roboflow Inference server's CLIP image embedding endpoint, with fault injection.
+"""A local stand-in for the Roboflow Inference server's CLIP embedding endpoints, with fault injection.
 
 It speaks the server's JSON on POST /clip/embed_image: the request is
 {"image": {"type": "base64", "value": ...}, "clip_version_id": ..., "api_key": ... (optional)},
-and the response is {"embeddings": [[...]]} with one vector that is not normalised. It is not
-the real server: the vector is a seeded function of the image bytes, not a CLIP embedding.
+and on POST /clip/embed_text, where the request is {"text": ..., "clip_version_id": ..., "api_key": ...}.
+Both respond {"embeddings": [[...]]} with one vector that is not normalised. It is not the real
+server: the vector is a seeded function of the image bytes or the text, not a CLIP embedding. Like
+the server (inference 1.8.3), it rejects a text of more than 77 CLIP tokens with HTTP 400.
 
 Faults: `behaviour` applies to every request, fail_next() to the next few requests, and
 fail_images_containing() to the images whose bytes contain a marker. stop_listening() and
@@ -27,8 +29,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from embed_service.tokenizer import default_tokenizer
+
 EMBED_IMAGE_PATH = "/clip/embed_image"
+EMBED_TEXT_PATH = "/clip/embed_text"
 DEFAULT_DIM = 512
+# The server's message for a text above the context length, from inference 1.8.3's ModelInputError handler.
+TEXT_TOO_LONG_MESSAGE = (
+    "Error with model input. Cause: Text input is too long for the model context length. Shorten the text and retry."
+)
 
 # How often a handler that keeps a request open checks whether the client has hung up.
 _HANGUP_POLL_S = 0.02
@@ -37,7 +46,7 @@ _HANGUP_POLL_S = 0.02
 class Behaviour:
     """Response modes of the stand-in for embed requests."""
 
-    EMBED = "embed"  # 200 with a vector of norm about 10, or 400 when the bytes are not an image
+    EMBED = "embed"  # 200 with a vector of norm about 10, or 400 when the bytes are not an image or the text is too long
     STATUS_400 = "status_400"  # 400 with {"message": ...} for every request
     STATUS_401 = "status_401"  # 401 whose message quotes the request's api_key, as a careless server might
     STATUS_500 = "status_500"  # 500 with {"message": ...}
@@ -64,6 +73,17 @@ class RecordedRequest:
     def image(self) -> bytes | None:
         """The decoded bytes of image.value, or None when the body has no valid base64 image."""
         return _decoded_image_value(self.body)
+
+    @property
+    def text(self) -> str | None:
+        """The body's text field when it is a string, else None."""
+        text = self.body.get("text") if isinstance(self.body, dict) else None
+        return text if isinstance(text, str) else None
+
+
+def fake_text_embedding(text: str, dim: int = DEFAULT_DIM) -> np.ndarray:
+    """Return the unnormalised vector that the stand-in sends for this text, unrelated to any image's."""
+    return fake_embedding(b"text:" + text.encode("utf-8"), dim)
 
 
 def fake_embedding(image_bytes: bytes, dim: int = DEFAULT_DIM) -> np.ndarray:
@@ -200,7 +220,7 @@ class InferenceStandIn:
                 return self._next_behaviours.popleft()
             return self.behaviour
 
-    def _respond(self, body: dict | None, behaviour: str) -> tuple[int, bytes]:
+    def _respond(self, path: str, body: dict | None, behaviour: str) -> tuple[int, bytes]:
         """Return the status and body for one embed request under a behaviour that sends a response."""
         if behaviour == Behaviour.SLOW:
             self._closing.wait(self.delay_s)
@@ -216,13 +236,21 @@ class InferenceStandIn:
         if behaviour == Behaviour.MALFORMED_JSON:
             return HTTPStatus.OK, b'{"embeddings": [[0.1, 0.2'
 
-        image_bytes, problem = _image_bytes(body)
+        vector, problem = self._vector_for(path, body)
         if problem:
             return _json(HTTPStatus.BAD_REQUEST, {"message": problem})
-        vector = fake_embedding(image_bytes, self.dim)
         if behaviour == Behaviour.WRONG_LENGTH:
             vector = vector[:-1]
         return _json(HTTPStatus.OK, {"embeddings": [vector.tolist()], "time": 0.001})
+
+
+    def _vector_for(self, path: str, body: dict | None) -> tuple[np.ndarray | None, str]:
+        """Return the vector for a valid request, or None and an error message like the server's."""
+        if path == EMBED_TEXT_PATH:
+            text, problem = _text(body)
+            return (None, problem) if problem else (fake_text_embedding(text, self.dim), "")
+        image_bytes, problem = _image_bytes(body)
+        return (None, problem) if problem else (fake_embedding(image_bytes, self.dim), "")
 
 
 def _decoded_image_value(body: dict | None) -> bytes | None:
@@ -246,6 +274,17 @@ def _image_bytes(body: dict | None) -> tuple[bytes, str]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return b"", "Could not load valid image from base64 string."
     return data, ""
+
+
+def _text(body: dict | None) -> tuple[str, str]:
+    """Return the request's text, or an error message like the server's for a bad request."""
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        return "", "request must have a string in text"
+    # fit_to_context returns the text itself exactly when its ids fit the context.
+    if default_tokenizer().fit_to_context(text) != text:
+        return "", TEXT_TOO_LONG_MESSAGE
+    return text, ""
 
 
 def _json(status: HTTPStatus, payload: dict) -> tuple[int, bytes]:
@@ -276,10 +315,12 @@ def _make_handler(standin: InferenceStandIn) -> type[BaseHTTPRequestHandler]:
             recorded = RecordedRequest("POST", self.path, self.headers.get("Content-Type", ""), body)
             standin._record(recorded)
             try:
-                if self.path != EMBED_IMAGE_PATH:
-                    self._send(*_json(HTTPStatus.NOT_FOUND, {"message": f"no route {self.path}"}))
-                else:
+                if self.path == EMBED_IMAGE_PATH:
                     self._handle_embed(body, standin._behaviour_for(recorded.image))
+                elif self.path == EMBED_TEXT_PATH:
+                    self._handle_embed(body, standin._behaviour_for(None))
+                else:
+                    self._send(*_json(HTTPStatus.NOT_FOUND, {"message": f"no route {self.path}"}))
             finally:
                 standin._finish()
 
@@ -290,11 +331,11 @@ def _make_handler(standin: InferenceStandIn) -> type[BaseHTTPRequestHandler]:
                 self._wait_for_hangup()
                 self.close_connection = True
             elif behaviour == Behaviour.TRICKLE:
-                self._trickle(*standin._respond(body, Behaviour.EMBED))
+                self._trickle(*standin._respond(self.path, body, Behaviour.EMBED))
             elif behaviour == Behaviour.TRICKLE_HEADERS:
-                self._trickle_headers(*standin._respond(body, Behaviour.EMBED))
+                self._trickle_headers(*standin._respond(self.path, body, Behaviour.EMBED))
             else:
-                self._send(*standin._respond(body, behaviour))
+                self._send(*standin._respond(self.path, body, behaviour))
 
         def _send(self, status: int, payload: bytes) -> None:
             try:

@@ -10,9 +10,15 @@ import pytest
 
 from embed_service.analysis import AnalysedImage
 from embed_service.backends.base import ModelInfo
-from embed_service.servicer import EmbedServicer
+from embed_service.servicer import MAX_TEXT_BYTES, EmbedServicer
 from imgsearch.embed.v1 import embed_service_pb2
-from imgsearch_common.errors import ImgsearchError, InvalidInputError, UnavailableError
+from imgsearch_common.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    ImgsearchError,
+    InvalidInputError,
+    UnavailableError,
+)
 from imgsearch_common.fingerprints import LAYOUT_BYTES, Fingerprint
 from imgsearch_common.images import DecodedImage
 
@@ -22,12 +28,14 @@ _DIM = 4
 class FakeEmbedder:
     """Embeds b"vN" as the unit vector along axis N % dim, and b"bad" as an InvalidInputError.
 
-    Set `failure` to make embed_images raise it, or drop_last_result to break its contract.
-    Every call's images and timeout are recorded.
+    A text is embedded as the unit vector along axis len(text) % dim. Set `failure` to make
+    embed_images and embed_text raise it, or drop_last_result to break its contract. Every call's
+    images or text and timeout are recorded.
     """
 
     def __init__(self):
         self.calls: list[tuple[list[DecodedImage], float]] = []
+        self.text_calls: list[tuple[str, float]] = []
         self.failure: Exception | None = None
         self.info_failure: Exception | None = None
         self.drop_last_result = False
@@ -43,6 +51,14 @@ class FakeEmbedder:
             raise self.failure
         results = [self._embed(image) for image in images]
         return results[:-1] if self.drop_last_result else results
+
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        self.text_calls.append((text, timeout_s))
+        if self.failure:
+            raise self.failure
+        vector = np.zeros(_DIM, dtype=np.float32)
+        vector[len(text) % _DIM] = 1.0
+        return vector
 
     def check_ready(self) -> None:
         pass
@@ -311,3 +327,93 @@ def test_get_model_info_unavailable(embedder):
         grpc.StatusCode.UNAVAILABLE,
         "ONNX model not found: models/x/visual.onnx does not exist",
     )
+
+
+def _embed_text(servicer: EmbedServicer, text: str, context: FakeContext | None = None):
+    return servicer.EmbedText(embed_service_pb2.EmbedTextRequest(text=text), context or FakeContext())
+
+
+def test_embed_text_vector_and_model_id(embedder):
+    servicer = _servicer(embedder, batch_size=8)
+
+    response = _embed_text(servicer, "a dog")
+
+    assert response.embedding.model_id == "fake-model"
+    # The fake embeds "a dog", 5 characters, along axis 5 % 4.
+    assert list(response.embedding.values) == [0.0, 1.0, 0.0, 0.0]
+    assert embedder.text_calls == [("a dog", math.inf)]
+
+
+def test_embed_text_passes_remaining_time(embedder):
+    servicer = _servicer(embedder, batch_size=8)
+
+    _embed_text(servicer, "a dog", FakeContext(time_remaining=1.5))
+
+    assert embedder.text_calls == [("a dog", 1.5)]
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t\n  "])
+def test_embed_text_empty_invalid_argument(embedder, text):
+    servicer = _servicer(embedder, batch_size=8)
+    context = FakeContext()
+
+    with pytest.raises(AbortedError):
+        _embed_text(servicer, text, context)
+
+    assert context.aborted[0] is grpc.StatusCode.INVALID_ARGUMENT
+    assert "text is empty or only whitespace" in context.aborted[1]
+    assert embedder.text_calls == []
+
+
+def test_embed_text_at_byte_limit_embedded(embedder):
+    servicer = _servicer(embedder, batch_size=8)
+    text = "é" * (MAX_TEXT_BYTES // 2)
+
+    _embed_text(servicer, text)
+
+    assert len(text.encode("utf-8")) == MAX_TEXT_BYTES == 4096
+    assert embedder.text_calls == [(text, math.inf)]
+
+
+@pytest.mark.parametrize("text", ["a" * 4097, "é" * 2048 + "a", "🐶" * 1025])
+def test_embed_text_over_byte_limit_invalid_argument(embedder, text):
+    servicer = _servicer(embedder, batch_size=8)
+    context = FakeContext()
+
+    with pytest.raises(AbortedError):
+        _embed_text(servicer, text, context)
+
+    assert context.aborted[0] is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"text is {len(text.encode())} bytes in UTF-8, above the limit of 4096 bytes" in context.aborted[1]
+    assert embedder.text_calls == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (FailedPreconditionError("text search needs the text model m/textual.onnx"), grpc.StatusCode.FAILED_PRECONDITION),
+        (UnavailableError("the Inference server returned HTTP 500"), grpc.StatusCode.UNAVAILABLE),
+        (DeadlineExceededError("the deadline ran out"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (InvalidInputError("the Inference server rejected the text"), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_embed_text_backend_error_status(embedder, failure, code):
+    embedder.failure = failure
+    servicer = _servicer(embedder, batch_size=8)
+    context = FakeContext()
+
+    with pytest.raises(AbortedError):
+        _embed_text(servicer, "a dog", context)
+
+    assert context.aborted == (code, str(failure))
+
+
+def test_embed_text_bug_internal(embedder):
+    embedder.failure = KeyError("bug")
+    servicer = _servicer(embedder, batch_size=8)
+    context = FakeContext()
+
+    with pytest.raises(AbortedError):
+        _embed_text(servicer, "a dog", context)
+
+    assert context.aborted == (grpc.StatusCode.INTERNAL, "internal error; the server logged the details")

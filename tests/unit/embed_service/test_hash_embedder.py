@@ -89,3 +89,32 @@ def test_hash_closed_unavailable(embedder):
         embedder.check_ready()
     with pytest.raises(UnavailableError):
         embedder.embed_images([solid_png(8, 8, (0, 0, 0))], math.inf)
+
+
+def test_hash_text_unit_float32(embedder):
+    vector = embedder.embed_text("a dog on a sofa", math.inf)
+
+    assert vector.shape == (DIM,)
+    assert vector.dtype == np.float32
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hash_text_deterministic(embedder):
+    first = embedder.embed_text("a dog on a sofa", math.inf)
+    second = HashEmbedder(max_image_pixels=1).embed_text("a dog on a sofa", math.inf)
+    other = embedder.embed_text("a cat on a sofa", math.inf)
+
+    np.testing.assert_array_equal(first, second)
+    assert abs(float(first @ other)) < 0.3
+
+
+def test_hash_text_expired_deadline(embedder):
+    with pytest.raises(DeadlineExceededError):
+        embedder.embed_text("a dog", 0.0)
+
+
+def test_hash_text_closed_unavailable(embedder):
+    embedder.close()
+
+    with pytest.raises(UnavailableError, match="closed"):
+        embedder.embed_text("a dog", math.inf)

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from embed_service.backends.base import ModelInfo
 from embed_service.server import BackendHealth, HealthRecordingEmbedder
 from embed_service.servicer import SERVICE_NAME
-from imgsearch_common.errors import DeadlineExceededError, InvalidInputError, UnavailableError
+from imgsearch_common.errors import DeadlineExceededError, FailedPreconditionError, InvalidInputError, UnavailableError
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,6 +40,11 @@ class FakeEmbedder:
         if self.raises:
             raise self.raises
         return list(self.results)
+
+    def embed_text(self, text: str, timeout_s: float) -> np.ndarray:
+        if self.raises:
+            raise self.raises
+        return _VECTOR
 
     def check_ready(self) -> None:
         self.probes += 1
@@ -262,6 +267,45 @@ def test_recording_embedder_counts_raised_error(embedder, health_servicer, start
         recording.embed_images([b"a", b"b", b"c"], timeout_s=1.0)
 
     assert _status(health_servicer) == _NOT_SERVING
+
+
+def test_recording_embedder_counts_text_failures(embedder, health_servicer, start_watching):
+    backend_health, _ = start_watching(failure_threshold=2)
+    recording = HealthRecordingEmbedder(embedder, backend_health)
+    embedder.raises = UnavailableError("the Inference server returned HTTP 500")
+
+    for _ in range(2):
+        with pytest.raises(UnavailableError):
+            recording.embed_text("a dog", timeout_s=1.0)
+
+    assert _status(health_servicer) == _NOT_SERVING
+
+
+def test_recording_embedder_text_success_resets(embedder, health_servicer, start_watching):
+    backend_health, _ = start_watching(failure_threshold=2)
+    recording = HealthRecordingEmbedder(embedder, backend_health)
+    embedder.raises = UnavailableError("the Inference server returned HTTP 500")
+    with pytest.raises(UnavailableError):
+        recording.embed_text("a dog", timeout_s=1.0)
+    embedder.raises = None
+    recording.embed_text("a dog", timeout_s=1.0)
+    embedder.raises = UnavailableError("the Inference server returned HTTP 500")
+
+    with pytest.raises(UnavailableError):
+        recording.embed_text("a dog", timeout_s=1.0)
+
+    assert _status(health_servicer) == _SERVING
+
+
+def test_recording_embedder_text_precondition_not_counted(embedder, health_servicer, start_watching):
+    backend_health, _ = start_watching(failure_threshold=1)
+    recording = HealthRecordingEmbedder(embedder, backend_health)
+    embedder.raises = FailedPreconditionError("text search needs the text model m/textual.onnx")
+
+    with pytest.raises(FailedPreconditionError):
+        recording.embed_text("a dog", timeout_s=1.0)
+
+    assert _status(health_servicer) == _SERVING
 
 
 def test_recording_embedder_delegates(embedder, start_watching):
