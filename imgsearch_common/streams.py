@@ -18,31 +18,55 @@ class RequestBatcher:
 
     next_batch waits only for the first request of a batch, so a client that sends one image and
     waits for its response gets it without the server waiting for a full batch. The queue is bounded,
-    so reading stops running ahead when the handler falls behind.
+    so reading stops running ahead when the handler falls behind. Requests for which is_heavy is
+    true, such as images among small vectors, have a tighter bound of their own, max_heavy_buffered.
     """
 
     _END = object()
 
-    def __init__(self, requests: Iterable, max_buffered: int, name: str):
+    def __init__(
+        self, requests: Iterable, max_buffered: int, name: str, is_heavy=None, max_heavy_buffered: int = 0
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=max_buffered)
+        self._is_heavy = is_heavy
+        self._heavy_slots = threading.Semaphore(max(1, max_heavy_buffered))
         self._closed = threading.Event()
         self._ended = False
+        self._carried = None
         self._thread = threading.Thread(target=self._read, args=(requests,), name=name, daemon=True)
         self._thread.start()
 
-    def next_batch(self, max_size: int) -> list | None:
-        """Return up to max_size requests, waiting for the first; None when the stream has ended."""
+    def next_batch(self, max_size: int, max_heavy: int | None = None) -> list | None:
+        """Return up to max_size requests, waiting for the first; None when the stream has ended.
+
+        With max_heavy set, the batch also stops before its (max_heavy + 1)th heavy request (see the
+        class docstring); that request starts the next batch.
+        """
         if self._ended:
             return None
-        batch = [self._queue.get()]
-        while len(batch) < max_size and batch[-1] is not self._END:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
+        batch, heavy = [], 0
+        while len(batch) < max_size:
+            carried = self._carried is not None
+            if carried:
+                request, self._carried = self._carried, None
+            elif batch:
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                request = self._queue.get()
+            if request is self._END:
+                self._ended = True
                 break
-        if batch[-1] is self._END:
-            self._ended = True
-            batch.pop()
+            if self._is_heavy is not None and self._is_heavy(request):
+                if not carried:
+                    self._heavy_slots.release()
+                if max_heavy is not None and batch and heavy >= max_heavy:
+                    self._carried = request
+                    break
+                heavy += 1
+            batch.append(request)
         return batch or None
 
     def close(self) -> None:
@@ -52,6 +76,8 @@ class RequestBatcher:
     def _read(self, requests: Iterable) -> None:
         try:
             for request in requests:
+                if self._is_heavy is not None and self._is_heavy(request) and not self._wait_for_heavy_slot():
+                    return
                 if not self._put(request):
                     return
         except grpc.RpcError:
@@ -60,6 +86,12 @@ class RequestBatcher:
         except Exception:  # noqa: BLE001 - the stream must end even when reading fails
             log.exception("request_stream_read_failed")
         self._put(self._END)
+
+    def _wait_for_heavy_slot(self) -> bool:
+        while not self._closed.is_set():
+            if self._heavy_slots.acquire(timeout=_PUT_POLL_S):
+                return True
+        return False
 
     def _put(self, item) -> bool:
         while not self._closed.is_set():

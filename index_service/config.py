@@ -89,7 +89,9 @@ class IndexConfig:
     ef_search: int = 128
     train_items: int = 50_000
     # Queries searched together at most, when several arrive at once.
-    search_batch_size: int = 256
+    search_batch_size: int = 1024
+    # Embeddings (not images) of one ingest stream that are stored in one transaction at most.
+    ingest_vector_batch_size: int = 512
 
     @property
     def index_spec(self) -> IndexSpec:
@@ -159,6 +161,7 @@ def from_env(environ: Mapping[str, str]) -> IndexConfig:
         ef_search=env.int("EF_SEARCH", default.ef_search, minimum=1),
         train_items=env.int("TRAIN_ITEMS", default.train_items, minimum=1000),
         search_batch_size=env.int("SEARCH_BATCH_SIZE", default.search_batch_size, minimum=1),
+        ingest_vector_batch_size=env.int("INGEST_VECTOR_BATCH_SIZE", default.ingest_vector_batch_size, minimum=1),
     )
     if config.metrics_listen:
         parse_listen(f"{ENV_PREFIX}METRICS_LISTEN", config.metrics_listen)

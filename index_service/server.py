@@ -75,7 +75,11 @@ def build_server(
         collection.load()
         server = create_server(config.max_workers, config.max_message_bytes, config.auth_token, metrics)
         servicer = IndexServicer(
-            collection, config.ingest_batch_size, config.embed_timeout_s, config.search_batch_size
+            collection,
+            config.ingest_batch_size,
+            config.embed_timeout_s,
+            config.search_batch_size,
+            config.ingest_vector_batch_size,
         )
         index_service_pb2_grpc.add_IndexServiceServicer_to_server(servicer, server)
         health_servicer = add_health_and_reflection(server, [SERVICE_NAME])

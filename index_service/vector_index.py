@@ -19,6 +19,10 @@ REMOVAL_MODES = ("auto", "remove_ids", "mask")
 # ids and hash table of an IVF index. An estimate, for GetStats.
 _ID_BYTES = 56
 _TRAINING_SEED = 1234
+# faiss brute-force search uses BLAS once queries times dim reach this, and a slower loop below it.
+# faiss's default, 128000, keeps batches of up to 249 queries of dim 512 in the loop; the loop took
+# about 11 ms per query at 100k vectors here, BLAS about 4 ms for a batch of 8 (bench/perf.py).
+_BLAS_THRESHOLD = 4096
 
 
 class Hit(NamedTuple):
@@ -104,6 +108,8 @@ class VectorIndex:
             raise ValueError(f"removal must be one of {', '.join(REMOVAL_MODES)}, got {removal!r}")
         if threads > 0:
             faiss.omp_set_num_threads(threads)
+        self._threads = faiss.omp_get_max_threads()
+        faiss.cvar.distance_compute_blas_threshold = _BLAS_THRESHOLD
         self.device = _choose_device(device)
         _check_device_supports(self.device, spec, removal)
         self.spec = spec
@@ -312,6 +318,10 @@ class VectorIndex:
             wanted = min(k + len(self._masked), self._index.ntotal)
             effort = self.spec.default_effort(self._layout) if effort is None else effort
             params = search_parameters(self._layout, effort, wanted, selector)
+            # One query runs on one thread either way, and idle OpenMP threads only contend with
+            # the rest of the process: a lone flat query took 4x longer with two threads here.
+            # The setting belongs to the calling thread.
+            faiss.omp_set_num_threads(1 if len(xq) == 1 else self._threads)
             D, I = self._index.search(xq, wanted, params=params)  # noqa: E741 - faiss's names
             masked = frozenset(self._masked)
         return [_real_hits(scores, ids, masked)[:k] for scores, ids in zip(D, I)]

@@ -22,7 +22,7 @@ _TIMEOUT_S = 30.0
 
 @pytest.fixture(scope="module")
 def vectors():
-    return clustered_vectors(_COUNT, _DIM, clusters=20, seed=6)
+    return clustered_vectors(_COUNT, _DIM, clusters=20, seed=6, spread=2.0)
 
 
 @pytest.fixture

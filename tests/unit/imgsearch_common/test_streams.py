@@ -72,3 +72,28 @@ def test_reader_thread_stops_after_close_with_full_queue():
     stop.set()
 
     assert not reader._thread.is_alive()
+
+
+def test_heavy_requests_limit_a_batch_and_carry_over():
+    requests = ["v1", "IMG1", "v2", "IMG2", "IMG3", "v3"]
+    reader = RequestBatcher(iter(requests), max_buffered=10, name="test-reader",
+                            is_heavy=lambda request: request.startswith("IMG"), max_heavy_buffered=4)
+    while reader._queue.qsize() < len(requests) + 1:  # noqa: SLF001 - waits for the reader to buffer the stream
+        threading.Event().wait(0.01)
+
+    assert reader.next_batch(10, max_heavy=2) == ["v1", "IMG1", "v2", "IMG2"]
+    assert reader.next_batch(10, max_heavy=2) == ["IMG3", "v3"]
+    assert reader.next_batch(10, max_heavy=2) is None
+
+
+def test_heavy_requests_buffered_are_bounded():
+    requests = iter(["IMG1", "IMG2", "IMG3", "v1"])
+    reader = RequestBatcher(requests, max_buffered=10, name="test-reader",
+                            is_heavy=lambda request: request.startswith("IMG"), max_heavy_buffered=2)
+    threading.Event().wait(0.3)
+
+    assert reader._queue.qsize() == 2  # noqa: SLF001 - the third image waits for a free slot
+    assert reader.next_batch(1) == ["IMG1"]
+    threading.Event().wait(0.3)
+    assert reader._queue.qsize() == 4  # noqa: SLF001 - IMG3, v1 and the end of the stream followed
+    reader.close()
