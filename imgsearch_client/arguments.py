@@ -2,6 +2,8 @@
 
 import argparse
 
+from imgsearch_client.client import ItemFilter
+
 
 def host_port(value: str) -> str:
     """Accept HOST:PORT (or [IPV6]:PORT) to connect to, with a port from 1 to 65535."""
@@ -27,6 +29,14 @@ def search_text(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("expected words to search for, got an empty text")
     return value
+
+
+def positive_int(value: str) -> int:
+    """Accept an integer of 1 or more."""
+    number = non_negative_int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
+    return number
 
 
 def non_negative_int(value: str) -> int:
@@ -69,3 +79,33 @@ def _float(value: str) -> float:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+
+
+def where_condition(value: str) -> tuple[str, str | None]:
+    """Parse `KEY=VALUE` (the metadata key must have that value) or `KEY` (it must be present)."""
+    key, equals, wanted = value.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or KEY, got {value!r}")
+    return key, wanted if equals else None
+
+
+def item_filter_of(conditions: list[tuple[str, str | None]] | None, uri_prefixes: list[str] | None) -> ItemFilter | None:
+    """Return the client ItemFilter of --where and --uri-prefix options, or None when neither was given.
+
+    Values given for the same key are alternatives: the item's value must equal one of them.
+    """
+    if not conditions and not uri_prefixes:
+        return None
+    where: dict[str, tuple[str, ...]] = {}
+    for key, wanted in conditions or []:
+        where[key] = where.get(key, ()) + (() if wanted is None else (wanted,))
+    return ItemFilter(where=where, uri_prefixes=tuple(uri_prefixes or ()))
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    """Add --where and --uri-prefix to a command that searches."""
+    parser.add_argument("--where", type=where_condition, action="append", metavar="KEY[=VALUE]",
+                        help="only items whose metadata KEY equals VALUE (or, without =VALUE, has KEY); "
+                             "repeat for more conditions, and repeat a KEY to allow several values")
+    parser.add_argument("--uri-prefix", action="append", metavar="PREFIX",
+                        help="only items whose uri starts with PREFIX, for example a source folder; repeatable")

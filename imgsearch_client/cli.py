@@ -6,7 +6,16 @@ import pathlib
 import sys
 
 from imgsearch_client import commands, dupes
-from imgsearch_client.arguments import host_port, listen_address, non_negative_int, positive_float, score, search_text
+from imgsearch_client.arguments import (
+    add_filter_options,
+    host_port,
+    listen_address,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    score,
+    search_text,
+)
 
 DEFAULT_EMBED_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEX_ADDR = "127.0.0.1:50052"
@@ -110,6 +119,9 @@ def _add_search(subcommands) -> None:
     search.add_argument("--min-score", type=score, help="leave out neighbours scoring below this cosine, in [-1, 1]")
     search.add_argument("--json", action="store_true", help="print the neighbours as JSON")
     search.add_argument("--grid", type=pathlib.Path, help="write the query beside its neighbours to this PNG file")
+    add_filter_options(search)
+    search.add_argument("--nprobe", type=positive_int, help="IVF lists visited; more finds more true neighbours")
+    search.add_argument("--ef-search", type=positive_int, help="HNSW candidate list size; more finds more")
     search.add_argument("--timeout", type=positive_float, default=30.0, help="deadline of the call in seconds")
     _add_connection(search)
 

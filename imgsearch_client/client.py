@@ -115,6 +115,27 @@ class DuplicateCriteria:
     max_phash_distance: int | None = None
     max_local_difference: float | None = None
     min_score: float | None = None
+    item_filter: "ItemFilter | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemFilter:
+    """Conditions on the items a search or audit may return, all of which must hold.
+
+    where maps a metadata key to the values it may have; an empty tuple asks only that the key is
+    present. uri_prefixes, when not empty, asks that the item's uri starts with one of them, for
+    example a source folder.
+    """
+
+    where: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    uri_prefixes: tuple[str, ...] = ()
+
+    def to_proto(self) -> index_service_pb2.Filter:
+        return index_service_pb2.Filter(
+            metadata=[index_service_pb2.MetadataCondition(key=key, any_of=list(values))
+                      for key, values in self.where.items()],
+            uri_prefixes=list(self.uri_prefixes),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +264,23 @@ class IndexClient:
         text: str | None = None,
         k: int = 10,
         min_score: float | None = None,
+        item_filter: ItemFilter | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> list[Neighbour]:
         """Return the neighbours of exactly one query: image bytes, an embedding, a stored item_id or a text.
 
         A text is embedded with the text tower of the collection's CLIP model, for example "a dog on a sofa".
+        item_filter limits the neighbours to the items that pass it. nprobe (IVF) and ef_search (HNSW)
+        set how hard an approximate index searches; None takes the server's default.
         """
         request = _search_request(image, embedding, item_id, text, k, min_score)
+        if item_filter is not None:
+            request.filter.CopyFrom(item_filter.to_proto())
+        if nprobe is not None:
+            request.search_params.nprobe = nprobe
+        if ef_search is not None:
+            request.search_params.ef_search = ef_search
         try:
             response = self._stub.Search(request, timeout=self._timeout_s)
         except grpc.RpcError as error:
@@ -527,6 +559,8 @@ def _find_duplicates_request(criteria: DuplicateCriteria) -> index_service_pb2.F
     )
     if criteria.min_similar_score is not None:
         request.min_similar_score = criteria.min_similar_score
+    if criteria.item_filter is not None:
+        request.filter.CopyFrom(criteria.item_filter.to_proto())
 
     policy = request.near_duplicate_policy
     if criteria.max_phash_distance is not None:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import grpc
 from tqdm import tqdm
 
+from imgsearch_client.arguments import item_filter_of
 from imgsearch_client.client import ClientError, IndexClient, IngestItem, Neighbour, check_health
 from imgsearch_client.files import find_images
 from imgsearch_client.grid import draw_grid
@@ -171,7 +172,8 @@ def search(args, connection: Connection = Connection()) -> int:
     with connection.client(args.addr, timeout_s=args.timeout) as client:
         try:
             neighbours = client.search(
-                image=query, item_id=args.item_id, text=args.text, k=args.k, min_score=args.min_score
+                image=query, item_id=args.item_id, text=args.text, k=args.k, min_score=args.min_score,
+                item_filter=item_filter_of(args.where, args.uri_prefix), nprobe=args.nprobe, ef_search=args.ef_search,
             )
         except (ClientError, ValueError) as error:
             raise CommandError(str(error)) from None

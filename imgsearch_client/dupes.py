@@ -11,7 +11,15 @@ from typing import TextIO
 from tqdm import tqdm
 
 from imgsearch_client import report
-from imgsearch_client.arguments import host_port, non_negative_float, non_negative_int, positive_float, score
+from imgsearch_client.arguments import (
+    add_filter_options,
+    host_port,
+    item_filter_of,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    score,
+)
 from imgsearch_client.client import (
     DUPLICATE_KINDS,
     ClientError,
@@ -58,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_addr: str) -> None:
     parser.add_argument("--min-score", type=score, metavar="S",
                         help="smallest cosine of near duplicates, from -1 to 1, where -1 lets only pHash and "
                              "local difference decide; unset means the server's default")
+    add_filter_options(parser)
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true",
                         help='print one JSON document {"groups": [...], "summary": {...}}')
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace, connection: Connection | None = None) -> int:
         max_phash_distance=args.max_phash_distance,
         max_local_difference=args.max_local_difference,
         min_score=args.min_score,
+        item_filter=item_filter_of(args.where, args.uri_prefix),
     )
     result = find_duplicates(args.addr, criteria, args.timeout, connection or Connection())
 

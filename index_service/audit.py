@@ -33,6 +33,7 @@ from index_service.duplicates import (
     comparable,
     validate_score,
 )
+from index_service.filters import Allowed
 from index_service.phash_index import PhashIndex
 from index_service.store import Store, StoredItem
 from index_service.vector_index import VectorIndex
@@ -175,21 +176,26 @@ class DuplicateAudit:
         settings: AuditSettings,
         max_row_id: int,
         check: Callable[[], None],
+        allowed: Allowed | None = None,
     ):
         self._store = store
+        self._allowed = allowed
         self._vector_index = vector_index
         self._phash_index = phash_index
         self._settings = settings
         self._check = check
         self._max_row_id = max_row_id
         self._local_differences = _LocalDifferences(store)
-        self._exact = _ExactGroups(store.exact_groups(self._max_row_id))
+        self._exact = _ExactGroups(_allowed_groups(store.exact_groups(self._max_row_id), allowed))
         self._near = UnionFind()
         self._similar = UnionFind()
 
     def run(self) -> Iterator[AuditEvent]:
         """Yield progress while linking pairs, then each group (largest first), then the summary."""
-        item_count = self._store.count(self._max_row_id)
+        if self._allowed is None:
+            item_count = self._store.count(self._max_row_id)
+        else:
+            item_count = int(np.count_nonzero(self._allowed.row_ids <= self._max_row_id))
         yield from self._link_pairs(item_count)
 
         groups = self._groups()
@@ -219,6 +225,9 @@ class DuplicateAudit:
         items_done = 0
         for row_ids, vectors in self._store.vector_batches(AUDIT_BATCH_SIZE, self._max_row_id):
             self._check()
+            if self._allowed is not None:
+                keep = self._allowed.contains(row_ids)
+                row_ids, vectors = row_ids[keep], vectors[keep]
             if MatchKind.NEAR in kinds:
                 self._link_near(row_ids, vectors)
             if MatchKind.SIMILAR in kinds:
@@ -239,6 +248,10 @@ class DuplicateAudit:
         )
         firsts = queries[positions]
         keep = (partners <= self._max_row_id) & ~self._exact.same_group(firsts, partners)
+        if self._allowed is not None:
+            # A range search over pHashes returns every pair within the distance, so leaving out
+            # the partners that fail the filter loses no pair that passes it.
+            keep &= self._allowed.contains(partners)
         firsts, seconds, distances = firsts[keep], partners[keep], distances[keep]
 
         scores = self._pair_scores(firsts, seconds, row_ids, vectors)
@@ -253,7 +266,9 @@ class DuplicateAudit:
         """Link each item of the batch to its k nearest neighbours that are similar but neither exact nor near."""
         settings = self._settings
         score_by_pair = {}
-        for row_id, hits in zip(row_ids.tolist(), self._vector_index.search(vectors, settings.k + 1)):
+        selector = None if self._allowed is None else self._allowed.selector
+        hits_by_row = self._vector_index.search(vectors, settings.k + 1, selector=selector) if len(row_ids) else []
+        for row_id, hits in zip(row_ids.tolist(), hits_by_row):
             neighbours = [hit for hit in hits if hit.row_id != row_id][: settings.k]
             for hit in neighbours:
                 if hit.score >= settings.min_similar_score and hit.row_id <= self._max_row_id:
@@ -409,6 +424,14 @@ class _LocalDifferences:
             )
             self._by_pair.update(zip(chunk, differences.tolist()))
         return [self._by_pair[pair] for pair in pairs]
+
+
+def _allowed_groups(groups: list[list[int]], allowed: Allowed | None) -> list[list[int]]:
+    """Return the groups with only their allowed row ids, leaving out those left with fewer than two."""
+    if allowed is None:
+        return groups
+    kept = [[row_id for row_id, ok in zip(group, allowed.contains(group)) if ok] for group in groups]
+    return [group for group in kept if len(group) >= 2]
 
 
 def _capped(

@@ -37,6 +37,7 @@ from index_service.duplicates import (
     measurable,
 )
 from index_service.embedder import Embedder, Embedding
+from index_service.filters import Allowed, ItemFilter
 from index_service.ingest_items import (
     Candidate,
     IngestItem,
@@ -192,6 +193,7 @@ class SearchSpec:
     min_score: float | None = None
     overrides: PolicyOverrides = PolicyOverrides()
     effort: SearchEffort = SearchEffort()
+    item_filter: ItemFilter = ItemFilter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +213,7 @@ class _PreparedSearch:
     policy: NearDuplicatePolicy
     target: _QueryTarget
     index_query: IndexQuery
+    allowed: Allowed | None
 
 
 class Collection:
@@ -665,12 +668,14 @@ class Collection:
         min_similar_score: float | None,
         k: int,
         check: Callable[[], None],
+        item_filter: ItemFilter = ItemFilter(),
     ) -> Iterator[AuditEvent]:
         """Validate a duplicate audit and return the iterator of its events (see index_service.audit).
 
         kinds empty means EXACT and NEAR, k 0 means 10 and min_similar_score None means 0.95.
         Raises InvalidInputError for a bad field before any event. check is called between batches
-        and groups, and stops the audit by raising.
+        and groups, and stops the audit by raising. Only items that pass item_filter are examined
+        and grouped.
         """
         policy = self._near_policy.with_overrides(overrides)
         settings = audit_settings(
@@ -679,7 +684,8 @@ class Collection:
         # Under the commit lock, every item up to max_row_id is in both indexes as well as the store.
         with self._commit_lock:
             max_row_id = self._store.max_row_id()
-        audit = DuplicateAudit(self._store, self._index, self._phash_index, settings, max_row_id, check)
+        allowed = self._allowed(item_filter, {})
+        audit = DuplicateAudit(self._store, self._index, self._phash_index, settings, max_row_id, check, allowed)
         return audit.run()
 
     # Search
@@ -692,6 +698,7 @@ class Collection:
         timeout_s: float,
         overrides: PolicyOverrides = PolicyOverrides(),
         effort: SearchEffort = SearchEffort(),
+        item_filter: ItemFilter = ItemFilter(),
     ) -> list[Neighbour]:
         """Return up to k stored items closest to the query: exact duplicates, then near, then the rest.
 
@@ -699,9 +706,11 @@ class Collection:
         near duplicates that the query's fingerprint finds, so a duplicate is returned however low
         its score. k 0 means the default k. min_score, when given, leaves out similar and
         unlabelled neighbours below it, never exact or near ones. overrides replaces thresholds of
-        the near-duplicate policy for this search, and effort the index's search settings.
+        the near-duplicate policy for this search, and effort the index's search settings. Only
+        items that pass item_filter are returned; faiss searches those alone.
         """
-        result = self.search_many([SearchSpec(query, k, min_score, overrides, effort)], timeout_s)[0]
+        spec = SearchSpec(query, k, min_score, overrides, effort, item_filter)
+        result = self.search_many([spec], timeout_s)[0]
         if isinstance(result, ImgsearchError):
             raise result
         return result
@@ -714,9 +723,10 @@ class Collection:
         """
         prepared: list[_PreparedSearch | ImgsearchError | None] = []
         deadline = time.monotonic() + timeout_s
+        allowed_by_filter: dict[ItemFilter, Allowed] = {}
         for spec in specs:
             try:
-                prepared.append(self._prepare_search(spec, deadline - time.monotonic()))
+                prepared.append(self._prepare_search(spec, deadline - time.monotonic(), allowed_by_filter))
             except ImgsearchError as error:
                 prepared.append(error)
         ready = [p for p in prepared if isinstance(p, _PreparedSearch)]
@@ -725,23 +735,42 @@ class Collection:
         finished = iter([self._finish_search(p, found, stored) for p, found in zip(ready, hits)])
         return [next(finished) if isinstance(p, _PreparedSearch) else (p or []) for p in prepared]
 
-    def _prepare_search(self, spec: SearchSpec, timeout_s: float) -> "_PreparedSearch | None":
+    def _prepare_search(
+        self, spec: SearchSpec, timeout_s: float, allowed_by_filter: dict[ItemFilter, Allowed]
+    ) -> "_PreparedSearch | None":
         """Check a search's fields and find its query vector; None when the collection is empty."""
         k = self._resolve_k(spec.k)
         if spec.min_score is not None and math.isnan(spec.min_score):
             raise InvalidInputError("min_score is NaN; give a number in [-1, 1] or leave it unset")
         policy = self._near_policy.with_overrides(spec.overrides)
+        allowed = self._allowed(spec.item_filter, allowed_by_filter)
         target = self._query_target(spec.query, timeout_s)
         if target is None:
             return None
-        query = IndexQuery(target.vector, k, spec.effort.for_layout(self._index.layout.kind))
-        return _PreparedSearch(spec, k, policy, target, query)
+        selector = None if allowed is None else allowed.selector
+        query = IndexQuery(target.vector, k, spec.effort.for_layout(self._index.layout.kind), selector)
+        return _PreparedSearch(spec, k, policy, target, query, allowed)
+
+    def _allowed(self, item_filter: ItemFilter, known: dict[ItemFilter, Allowed]) -> Allowed | None:
+        """Return the row ids that pass item_filter (None for an empty filter), reusing those in known."""
+        if item_filter.is_empty:
+            return None
+        item_filter.check()
+        if self._index.device == "gpu":
+            # TODO: faiss GPU indexes take no ID selector; filtered searches need the CPU index for now.
+            raise FailedPreconditionError("filters need a CPU index; this index service searches on a GPU")
+        if item_filter not in known:
+            known[item_filter] = Allowed.of(self._store.row_ids_matching(item_filter))
+        return known[item_filter]
 
     def _finish_search(
         self, prepared: "_PreparedSearch", hits: list[Hit], stored: dict[int, StoredItem]
     ) -> list[Neighbour]:
         target, policy = prepared.target, prepared.policy
-        matched = self._classified_hits(hits, target, policy, stored) + self._duplicates_beyond(hits, target, policy)
+        beyond = self._duplicates_beyond(hits, target, policy)
+        if prepared.allowed is not None:
+            beyond = [m for m, ok in zip(beyond, prepared.allowed.contains([m.item.row_id for m in beyond])) if ok]
+        matched = self._classified_hits(hits, target, policy, stored) + beyond
         kept = [m for m in matched if _within_min_score(m, prepared.spec.min_score)]
         kept.sort(key=lambda m: (MATCH_RANK[m.match.kind], -m.score, m.item.row_id))
         return [_neighbour(m) for m in kept[: prepared.k]]

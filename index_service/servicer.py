@@ -26,6 +26,7 @@ from index_service.collection import (
     VectorQuery,
 )
 from index_service.duplicates import MatchKind, OnDuplicate, PolicyOverrides
+from index_service.filters import ItemFilter, MetadataCondition
 from index_service.metadata import MetadataUpdate
 
 log = structlog.get_logger(__name__)
@@ -126,6 +127,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             timeout_s=remaining_seconds(context, self._embed_timeout_s),
             overrides=spec.overrides,
             effort=spec.effort,
+            item_filter=spec.item_filter,
         )
         return self._search_response(neighbours)
 
@@ -205,6 +207,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             min_similar_score=request.min_similar_score if request.HasField("min_similar_score") else None,
             k=request.k,
             check=_stop_check(context),
+            item_filter=_filter_of(request.filter),
         )
         try:
             for event in events:
@@ -282,6 +285,14 @@ def _search_spec_of(request: index_service_pb2.SearchRequest) -> SearchSpec:
         min_score=request.min_score if request.HasField("min_score") else None,
         overrides=_overrides_of(request.near_duplicate_policy),
         effort=_effort_of(request.search_params),
+        item_filter=_filter_of(request.filter),
+    )
+
+
+def _filter_of(message: index_service_pb2.Filter) -> ItemFilter:
+    return ItemFilter(
+        metadata=tuple(MetadataCondition(c.key, tuple(c.any_of)) for c in message.metadata),
+        uri_prefixes=tuple(message.uri_prefixes),
     )
 
 

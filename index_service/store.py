@@ -31,6 +31,7 @@ import structlog
 
 from imgsearch_common.config import ConfigError
 from imgsearch_common.fingerprints import Fingerprint
+from index_service.filters import ItemFilter
 
 log = structlog.get_logger(__name__)
 
@@ -366,10 +367,30 @@ class Store:
         # query without reading the rows.
         return self._row_id_array("SELECT row_id FROM items WHERE pixel_sha256 IS NOT NULL")
 
-    def _row_id_array(self, query: str) -> np.ndarray:
+    def row_ids_matching(self, item_filter: ItemFilter) -> np.ndarray:
+        """Return the row_ids of the stored items that pass item_filter, as a sorted int64 array.
+
+        It reads every item's metadata and uri, so it takes time in proportion to the collection.
+        """
+        clauses, parameters = [], []
+        for condition in item_filter.metadata:
+            clause = "EXISTS (SELECT 1 FROM json_each(items.metadata) WHERE json_each.key = ?"
+            parameters.append(condition.key)
+            if condition.any_of:
+                clause += f" AND json_each.value IN ({', '.join('?' * len(condition.any_of))})"
+                parameters.extend(condition.any_of)
+            clauses.append(clause + ")")
+        if item_filter.uri_prefixes:
+            clauses.append("(" + " OR ".join("substr(uri, 1, ?) = ?" for _ in item_filter.uri_prefixes) + ")")
+            for prefix in item_filter.uri_prefixes:
+                parameters.extend((len(prefix), prefix))
+        where = " AND ".join(clauses) or "1"
+        return self._row_id_array(f"SELECT row_id FROM items WHERE {where}", parameters)
+
+    def _row_id_array(self, query: str, parameters: Sequence = ()) -> np.ndarray:
         # Without ORDER BY, SQLite scans a small covering index instead of the rows and their vectors.
         with self._lock:
-            rows = self._connection.execute(query).fetchall()
+            rows = self._connection.execute(query, parameters).fetchall()
         return np.sort(np.array([row[0] for row in rows], dtype=np.int64))
 
     def _rows_in(self, select: str, column: str, values: list) -> list[tuple]:

@@ -127,3 +127,56 @@ def test_ivf_collection_reports_its_index_and_honours_nprobe(start_index, vector
     assert every_list.neighbours[0].item_id == "v7"
     assert len(one_list.neighbours) <= len(every_list.neighbours)
     assert [n.item_id for n in one_list.neighbours] != [n.item_id for n in every_list.neighbours]
+
+
+def _tagged(start_index, vectors):
+    index = start_index()
+    requests = [index_service_pb2.IngestImagesRequest(embedding=_embedding(v), item_id=f"v{n}",
+                                                      metadata={"parity": "even" if n % 2 == 0 else "odd"},
+                                                      uri=f"set-{n % 3}/v{n}")
+                for n, v in enumerate(vectors[:90])]
+    index.ingest(requests, timeout=_TIMEOUT_S)
+    return index
+
+
+def _filter(**fields) -> index_service_pb2.Filter:
+    metadata = [index_service_pb2.MetadataCondition(key=key, any_of=values)
+                for key, values in fields.pop("metadata", {}).items()]
+    return index_service_pb2.Filter(metadata=metadata, **fields)
+
+
+def test_search_filter_over_grpc(start_index, vectors):
+    index = _tagged(start_index, vectors)
+
+    response = index.search(embedding=_embedding(vectors[1]), k=10,
+                            filter=_filter(metadata={"parity": ["even"]}, uri_prefixes=["set-0/"]))
+
+    ids = [int(n.item_id[1:]) for n in response.neighbours]
+    assert len(ids) == 10
+    assert all(n % 6 == 0 for n in ids)
+
+
+def test_search_stream_applies_each_filter(start_index, vectors):
+    index = _tagged(start_index, vectors)
+    requests = [
+        index_service_pb2.SearchRequest(embedding=_embedding(vectors[0]), k=5, filter=_filter(metadata={"parity": ["odd"]})),
+        index_service_pb2.SearchRequest(embedding=_embedding(vectors[0]), k=5, filter=_filter(uri_prefixes=["set-1/"])),
+        index_service_pb2.SearchRequest(embedding=_embedding(vectors[0]), k=5, filter=_filter(metadata={"": []})),
+    ]
+
+    odd, set_one, bad = _stream(index, requests)
+
+    assert all(int(n.item_id[1:]) % 2 == 1 for n in odd.response.neighbours)
+    assert all(int(n.item_id[1:]) % 3 == 1 for n in set_one.response.neighbours)
+    assert (bad.error.code_name, "key is empty" in bad.error.message) == ("INVALID_ARGUMENT", True)
+
+
+def test_find_duplicates_filter_over_grpc(start_index, vectors):
+    index = _tagged(start_index, vectors)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        index.find_duplicates(filter=_filter(uri_prefixes=[""]))
+    summary = index.find_duplicates(filter=_filter(uri_prefixes=["set-2/"]))[-1].summary
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert summary.item_count == 30

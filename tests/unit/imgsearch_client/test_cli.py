@@ -105,3 +105,25 @@ def test_serve_index_file_data_dir(tmp_path, capsys):
 def test_grid_into_a_folder_fails_with_one_line(tmp_path):
     with pytest.raises(commands.CommandError, match=f"cannot write the grid to {tmp_path}"):
         commands._write_grid(None, [], tmp_path)
+
+
+def test_where_and_uri_prefix_options_build_a_filter():
+    from imgsearch_client.arguments import item_filter_of, where_condition
+
+    conditions = [where_condition("tag=dog"), where_condition("tag=cat"), where_condition("starred")]
+
+    item_filter = item_filter_of(conditions, ["photos/2024/"])
+
+    assert dict(item_filter.where) == {"tag": ("dog", "cat"), "starred": ()}
+    assert item_filter.uri_prefixes == ("photos/2024/",)
+    assert item_filter_of(None, None) is None
+    proto = item_filter.to_proto()
+    assert [(c.key, list(c.any_of)) for c in proto.metadata] == [("tag", ["dog", "cat"]), ("starred", [])]
+
+
+def test_where_without_key_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["search", "--text", "a dog", "--where", "=dog"])
+
+    assert raised.value.code == 2
+    assert "expected KEY=VALUE or KEY" in capsys.readouterr().err
