@@ -84,3 +84,24 @@ soak: venv ## Load both services for SOAK_S seconds (default 60) and check them;
 test-node: venv ## Run the Node.js client's tests against live services
 	@command -v npm >/dev/null || { echo "test-node needs Node.js 20 or newer, with npm, on PATH"; exit 2; }
 	cd clients/node && npm ci --no-audit --no-fund && IMGSEARCH_PYTHON='$(abspath $(BIN))/python' npm test
+
+MILVUS_VENV ?= .venv-milvus
+# Written after a complete install, so an interrupted one is retried. A change of the requirements reinstalls.
+MILVUS_STAMP := $(MILVUS_VENV)/.imgsearch-installed
+BENCH_OUT ?= bench/results
+
+$(MILVUS_STAMP): bench/peer/requirements.txt
+	test -x $(MILVUS_VENV)/bin/python || $(PYTHON) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/pip install --quiet -r bench/peer/requirements.txt
+	touch $@
+
+.PHONY: bench bench-quick
+bench: venv $(MILVUS_STAMP) ## Performance against raw faiss and milvus-lite (about 10 min); writes bench/results/summary.json
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.perf --out '$(BENCH_OUT)' --peer-python '$(MILVUS_VENV)/bin/python' \
+		--dataset '$(DATASET)' --readme README.md
+
+bench-quick: venv $(MILVUS_STAMP) ## Every phase of the performance benchmark at small sizes (under 2 min), into test-output/
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.perf --quick --out test-output/bench-quick --peer-python '$(MILVUS_VENV)/bin/python' \
+		--dataset '$(DATASET)'

@@ -193,6 +193,7 @@ def _add_fetch_model(subcommands) -> None:
     fetch.add_argument("--model", default="ViT-B-32", help="ViT-B-32 or ViT-B-16")
     fetch.add_argument("--out", type=pathlib.Path, required=True, help="folder to write the model files into")
     fetch.add_argument("--force", action="store_true", help="overwrite files that are already there")
+    fetch.add_argument("--json", action="store_true", help="print the model folder and its files as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +245,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         change = commands.MetadataChange(dict(args.set_values), tuple(args.remove_keys), args.replace)
         return commands.update_metadata(args.addr, args.item_id, change, as_json=args.json, timeout_s=args.timeout,
                                         connection=_connection(args, os.environ))
-    return commands.fetch_model(args.model, args.out, force=args.force)
+    return commands.fetch_model(args.model, args.out, force=args.force, as_json=args.json)
 
 
 def _connection(args: argparse.Namespace, environ) -> commands.Connection:

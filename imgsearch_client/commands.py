@@ -269,7 +269,7 @@ def update_metadata(
     return 0
 
 
-def fetch_model(model: str, out: pathlib.Path, force: bool) -> int:
+def fetch_model(model: str, out: pathlib.Path, force: bool, as_json: bool = False) -> int:
     """Download real CLIP ONNX files into out."""
     from imgsearch_client import model_fetch
 
@@ -277,5 +277,9 @@ def fetch_model(model: str, out: pathlib.Path, force: bool) -> int:
         model_fetch.fetch_clip_onnx(model, out, overwrite=force)
     except (model_fetch.FetchError, ValueError) as error:
         raise CommandError(str(error)) from None
-    print(f"wrote {model} to {out}")
+    if as_json:
+        files = sorted(path.name for path in out.iterdir() if path.is_file())
+        print(json.dumps({"model": model, "out": str(out), "files": files}))
+    else:
+        print(f"wrote {model} to {out}")
     return 0

@@ -92,7 +92,23 @@ def test_config_parses_compose_env(service):
 def test_published_port_is_listen_port(service):
     config = build_config(service)
 
-    assert [port[2] for port in published_ports(service)] == [listen_port(config.listen)]
+    assert [port[2] for port in published_ports(service)] == [listen_port(config.listen),
+                                                               listen_port(config.metrics_listen)]
+
+
+def test_index_settings_pass_from_the_shell():
+    default = build_config("index")
+    tuned = build_config("index", {"IMGSEARCH_INDEX_KIND": "hnsw", "IMGSEARCH_INDEX_ENCODING": "sq8",
+                                   "IMGSEARCH_INDEX_NPROBE": "8"})
+
+    assert (default.index_kind, default.index_encoding, default.nprobe) == ("auto", "float32", 32)
+    assert (tuned.index_kind, tuned.index_encoding, tuned.nprobe) == ("hnsw", "sq8", 8)
+
+
+@pytest.mark.parametrize(("service", "port"), [("embed", 9101), ("index", 9102)])
+def test_metrics_ports_bind_to_loopback_by_default(service, port):
+    assert published_ports(service)[1] == ("127.0.0.1", port, port)
+    assert published_ports(service, {"IMGSEARCH_METRICS_BIND": "0.0.0.0"})[1][0] == "0.0.0.0"
 
 
 @pytest.mark.parametrize(
@@ -105,11 +121,11 @@ def test_published_port_is_listen_port(service):
     ],
 )
 def test_host_ports_are_overridable(service, variable, default):
-    assert published_ports(service) == [("127.0.0.1", default, published_ports(service)[0][2])]
+    assert published_ports(service)[0] == ("127.0.0.1", default, published_ports(service)[0][2])
 
     moved = published_ports(service, {variable: "6000", "IMGSEARCH_BIND_ADDR": "0.0.0.0"})
 
-    assert moved == [("0.0.0.0", 6000, published_ports(service)[0][2])]
+    assert moved[0] == ("0.0.0.0", 6000, published_ports(service)[0][2])
 
 
 def test_inference_servers_publish_port_9001():

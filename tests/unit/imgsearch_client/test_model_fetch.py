@@ -302,3 +302,18 @@ def test_fetch_connection_refused_names_url(tmp_path):
         fetch_clip_onnx("ViT-B-32", tmp_path, base_url=base_url, timeout_s=2)
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_model_command_prints_json(hub, tmp_path, monkeypatch, capsys):
+    from imgsearch_client import commands, model_fetch
+
+    hub.serve_tiny_model(B32_PREFIX)
+    monkeypatch.setattr(model_fetch, "HUGGING_FACE_URL", hub.base_url)
+    monkeypatch.setattr(model_fetch.fetch_clip_onnx, "__defaults__",
+                        (hub.base_url, 5, model_fetch.DEFAULT_REVISION, False, None))
+
+    assert commands.fetch_model("ViT-B-32", tmp_path, force=False, as_json=True) == 0
+
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == "ViT-B-32"
+    assert set(OUTPUT_FILES) <= set(printed["files"])
