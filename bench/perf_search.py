@@ -17,7 +17,7 @@ _SERVICE_BLAS_THRESHOLD = vector_index._BLAS_THRESHOLD  # noqa: SLF001 - the raw
 
 def raw_flat_index(vectors: np.ndarray):
     """Return the index that the service keeps for a flat collection, with ids = positions in vectors."""
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
     return index
 

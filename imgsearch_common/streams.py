@@ -36,11 +36,12 @@ class RequestBatcher:
         self._thread = threading.Thread(target=self._read, args=(requests,), name=name, daemon=True)
         self._thread.start()
 
-    def next_batch(self, max_size: int, max_heavy: int | None = None) -> list | None:
+    def next_batch(self, max_size: int, max_heavy: int | None = None, wait: bool = True) -> list | None:
         """Return up to max_size requests, waiting for the first; None when the stream has ended.
 
         With max_heavy set, the batch also stops before its (max_heavy + 1)th heavy request (see the
-        class docstring); that request starts the next batch.
+        class docstring); that request starts the next batch. With wait False, an empty list comes
+        back at once when no request has arrived.
         """
         if self._ended:
             return None
@@ -49,7 +50,7 @@ class RequestBatcher:
             carried = self._carried is not None
             if carried:
                 request, self._carried = self._carried, None
-            elif batch:
+            elif batch or not wait:
                 try:
                     request = self._queue.get_nowait()
                 except queue.Empty:
@@ -67,6 +68,8 @@ class RequestBatcher:
                     break
                 heavy += 1
             batch.append(request)
+        if not batch and not wait and not self._ended:
+            return []
         return batch or None
 
     def close(self) -> None:

@@ -174,7 +174,7 @@ class CollectionStats:
 
 @dataclasses.dataclass(frozen=True)
 class SearchEffort:
-    """How hard an approximate index searches: nprobe for IVF, ef_search for HNSW; None means the default."""
+    """The search effort of an approximate index: nprobe for IVF, ef_search for HNSW; None means the default."""
 
     nprobe: int | None = None
     ef_search: int | None = None
@@ -202,6 +202,15 @@ class _QueryTarget:
 
     vector: np.ndarray
     fingerprint: Fingerprint | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedBatch:
+    """An ingest batch between Collection.embed_batch() and store_embedded(): results so far, and what to store."""
+
+    results: list
+    embedded: list
+    leader_by_follower: dict[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +391,9 @@ class Collection:
     def stats(self) -> CollectionStats:
         layout = self._index.layout
         return CollectionStats(
-            item_count=self._store.count(),
+            # The vector index contains every stored item whenever the commit lock is free. Counting the
+            # store's rows instead would read the whole table, which takes about 1 s per million items.
+            item_count=len(self._index),
             dim=self._dim or 0,
             model_id=self.model_id,
             index_type=layout.description,
@@ -407,6 +418,14 @@ class Collection:
         vector is ALREADY_PRESENT, with another vector ALREADY_EXISTS. The item_id of a removed item
         fails with FailedPreconditionError, because item_ids are never reused.
         """
+        return self.store_embedded(self.embed_batch(items, timeout_s))
+
+    def embed_batch(self, items: Sequence[IngestItem], timeout_s: float) -> "EmbeddedBatch":
+        """Run the first half of ingest(): check the items, drop those already stored, and embed the images.
+
+        Nothing is stored yet, so this may run while another batch is stored; store_embedded()
+        checks again for duplicates under the commit lock.
+        """
         results: list[IngestResult | None] = [None] * len(items)
         candidates = []
         for position, item in enumerate(items):
@@ -419,8 +438,13 @@ class Collection:
         candidates, leader_by_follower = drop_batch_duplicates(candidates, results)
         embedded = self._embed([c for c in candidates if c.vector is None], timeout_s, results)
         given = [(c, Embedding(vector=c.vector, model_id=c.model_id)) for c in candidates if c.vector is not None]
-        self._commit(sorted(embedded + given, key=lambda pair: pair[0].position), results)
-        for follower, leader in leader_by_follower.items():
+        return EmbeddedBatch(results, sorted(embedded + given, key=lambda pair: pair[0].position), leader_by_follower)
+
+    def store_embedded(self, batch: "EmbeddedBatch") -> list[IngestResult]:
+        """Run the second half of ingest(): store the embedded items durably, index them, and return every result."""
+        results = batch.results
+        self._commit(batch.embedded, results)
+        for follower, leader in batch.leader_by_follower.items():
             results[follower] = follow(results[leader])
         return results
 
@@ -731,7 +755,7 @@ class Collection:
                 prepared.append(error)
         ready = [p for p in prepared if isinstance(p, _PreparedSearch)]
         hits = self._batcher.search([p.index_query for p in ready])
-        stored = self._store.items_by_row_id({hit.row_id for found in hits for hit in found})
+        stored = self._store.items_by_row_id({hit.row_id for found in hits for hit in found}, with_vectors=False)
         finished = iter([self._finish_search(p, found, stored) for p, found in zip(ready, hits)])
         return [next(finished) if isinstance(p, _PreparedSearch) else (p or []) for p in prepared]
 

@@ -10,6 +10,7 @@ the row ids in each index with the store's and repairs any difference.
 import dataclasses
 import datetime
 import time
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,10 @@ def restore_indexes(
     snapshot_path None means rebuilding from the store. See the module docstring.
     """
     started = time.perf_counter()
-    loaded = _load_snapshot(store, vector_index, phash_index, snapshot_path) if snapshot_path else None
+    # Nothing changes the store until the service starts, so its row ids are read while the snapshot loads.
+    with futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-row-ids") as reader:
+        stored = reader.submit(store.row_ids)
+        loaded = _load_snapshot(store, vector_index, phash_index, snapshot_path) if snapshot_path else None
     if loaded is None:
         item_count = _rebuild(store, vector_index, phash_index)
         added = removed = 0
@@ -112,7 +116,7 @@ def restore_indexes(
         vector_index.rebuild(store.vector_batches())
         changes += 1
 
-    repair = check_and_repair(store, vector_index, phash_index)
+    repair = check_and_repair(store, vector_index, phash_index, stored.result())
     report = RestoreReport(
         source="store" if loaded is None else "snapshot",
         item_count=len(vector_index),
@@ -133,12 +137,18 @@ def restore_indexes(
     return report
 
 
-def check_and_repair(store: Store, vector_index: VectorIndex, phash_index: PhashIndex) -> Repair:
-    """Compare the row ids of both indexes with the store's, fix the indexes where they differ, and log it."""
-    stored = store.row_ids()
+def check_and_repair(
+    store: Store, vector_index: VectorIndex, phash_index: PhashIndex, stored: np.ndarray | None = None
+) -> Repair:
+    """Compare the row ids of both indexes with the store's, fix the indexes where they differ, and log it.
+
+    stored, when given, is store.row_ids() read beforehand.
+    """
+    stored = store.row_ids() if stored is None else stored
     indexed = vector_index.row_ids()
     repair = Repair()
-    if len(np.unique(indexed)) != len(indexed):
+    # Both arrays are sorted, so a repeated row id sits next to its twin.
+    if len(indexed) > 1 and np.any(indexed[1:] == indexed[:-1]):
         log.warning("index_repaired", problem="the vector index contains a row id twice", action="rebuilt")
         vector_index.rebuild(store.vector_batches())
         repair = dataclasses.replace(repair, vector_index_rebuilt=True)
@@ -253,6 +263,8 @@ def _rebuild_phash_index(store: Store, phash_index: PhashIndex) -> None:
 
 
 def _repair_vectors(store: Store, vector_index: VectorIndex, stored: np.ndarray, indexed: np.ndarray) -> Repair:
+    if np.array_equal(stored, indexed):
+        return Repair()
     missing = np.setdiff1d(stored, indexed)
     extra = np.setdiff1d(indexed, stored)
     if len(extra):

@@ -1,6 +1,5 @@
 """Assembly of the index service: store, indexes and their snapshots, embed client, gRPC server and health."""
 
-from collections.abc import Sequence
 
 import grpc
 import prometheus_client
@@ -18,11 +17,11 @@ from imgsearch_common.serving import (
     set_serving,
 )
 from index_service import snapshot
-from index_service.collection import Collection, CollectionLimits
+from index_service.collection import Collection, CollectionLimits, EmbeddedBatch
 from index_service.config import ENV_PREFIX, IndexConfig, embed_channel_credentials
 from index_service.duplicates import NearDuplicatePolicy
 from index_service.embed_client import EmbedClient
-from index_service.ingest_items import IngestItem, IngestResult
+from index_service.ingest_items import IngestResult
 from index_service.metadata import MetadataLimits
 from index_service.servicer import IndexServicer
 from index_service.store import Store
@@ -135,8 +134,8 @@ class _MeteredCollection(Collection):
             "imgsearch_items_ingested", "Items that ingest returned a result for, by status.", ["status"]
         )
 
-    def ingest(self, items: Sequence[IngestItem], timeout_s: float) -> list[IngestResult]:
-        results = super().ingest(items, timeout_s)
+    def store_embedded(self, batch: EmbeddedBatch) -> list[IngestResult]:
+        results = super().store_embedded(batch)
         for result in results:
             self._ingested.labels(result.status.value).inc()
         return results

@@ -1,6 +1,9 @@
 """The gRPC servicer of IndexService: converts messages and calls the collection core."""
 
+import collections
+import contextvars
 from collections.abc import Callable
+from concurrent import futures
 
 import structlog
 
@@ -78,16 +81,18 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             max_buffered=self._vector_batch_size,
             name="ingest-reader",
             is_heavy=_is_image,
-            max_heavy_buffered=self._batch_size,
+            max_heavy_buffered=2 * self._batch_size,
         )
+        # Embeds the next batch while this thread stores the current one and sends its responses.
+        embedder = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-embed")
         counts = dict.fromkeys(_STATUS_MESSAGES.values(), 0)
         try:
-            while (requests := reader.next_batch(self._vector_batch_size, max_heavy=self._batch_size)) is not None:
-                for response in self._ingest_batch(requests, context):
-                    counts[response.status] += 1
-                    yield response
+            for response in self._pipelined(reader, embedder, context):
+                counts[response.status] += 1
+                yield response
         finally:
             reader.close()
+            embedder.shutdown(wait=False, cancel_futures=True)
             log.info(
                 "ingest_stream_finished",
                 added=counts[index_service_pb2.INGEST_STATUS_ADDED],
@@ -95,9 +100,25 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
                 failed=counts[index_service_pb2.INGEST_STATUS_FAILED],
             )
 
-    def _ingest_batch(
-        self, requests: list[index_service_pb2.IngestImagesRequest], context
-    ) -> list[index_service_pb2.IngestImagesResponse]:
+    def _pipelined(self, reader: RequestBatcher, embedder: futures.Executor, context):
+        """Yield the responses of each batch in order, the next batch's embedding started before they are sent.
+
+        A batch is read ahead only when its requests have already arrived, so a client that waits for
+        responses before it sends more is never kept waiting.
+        """
+        ahead: collections.deque = collections.deque()
+        while True:
+            if not ahead:
+                requests = reader.next_batch(self._vector_batch_size, max_heavy=self._batch_size)
+                if requests is None:
+                    return
+                ahead.append(self._start_batch(requests, embedder, context))
+            more = reader.next_batch(self._vector_batch_size, max_heavy=self._batch_size, wait=False)
+            if more:
+                ahead.append(self._start_batch(more, embedder, context))
+            yield from self._finish_batch(*ahead.popleft())
+
+    def _start_batch(self, requests: list, embedder: futures.Executor, context) -> tuple:
         items, invalid_by_position = [], {}
         for position, request in enumerate(requests):
             try:
@@ -105,8 +126,15 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
             except InvalidInputError as error:
                 invalid_by_position[position] = error
         timeout_s = remaining_seconds(context, self._embed_timeout_s)
+        # The copied context carries the call's request id to the embed service's call.
+        embedding = embedder.submit(contextvars.copy_context().run, self._collection.embed_batch, items, timeout_s)
+        return requests, invalid_by_position, embedding
+
+    def _finish_batch(
+        self, requests: list, invalid_by_position: dict, embedding: futures.Future
+    ) -> list[index_service_pb2.IngestImagesResponse]:
         try:
-            results = iter(self._collection.ingest(items, timeout_s))
+            results = iter(self._collection.store_embedded(embedding.result()))
         except Exception as error:  # noqa: BLE001 - one broken batch must not end the stream
             failure = item_error(error)
             return [_ingest_response_failed(failure, r.uri) for r in requests]

@@ -11,9 +11,9 @@ A snapshot is one file, DATA_DIR/index.snapshot:
 The sections are the row ids (int64) and vectors (float32, row after row) of the faiss index,
 its faiss serialisation (bytes) and masked row ids (int64), then the row ids (int64), pHashes
 (uint64) and fingerprint versions (uint32) of the pHash index, all little-endian. A flat float32
-index is written as raw vectors, which load faster than faiss's own serialisation and take less
-time to copy out while adds and removals wait; any other layout is written serialised, so that a
-trained index is not trained again at start (see vector_index.IndexState). The CRC-32s catch a torn or damaged file.
+index is written as raw vectors, because they load faster than faiss's own serialisation and take
+less time to copy out while adds and removals wait. Any other layout is written serialised, so
+that a trained index is not trained again at start (see vector_index.IndexState). The CRC-32s catch a torn or damaged file.
 They do not guard against a forged one, since only this service writes into its data folder.
 
 write_snapshot writes a temporary file in the same folder, fsyncs it, renames it over the old
@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import zlib
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ _SECTIONS = (
     ("phash_values", np.dtype("<u8")),
     ("phash_versions", np.dtype("<u4")),
 )
+# Sections are read and checked in chunks of this many bytes.
+_READ_CHUNK_BYTES = 64 * 1024 * 1024
 # The header is small; a larger length means the file is not a snapshot.
 _MAX_HEADER_BYTES = 1024 * 1024
 
@@ -123,17 +126,35 @@ def read_snapshot(path: Path) -> Snapshot:
         header = _read_header(file, path)
         arrays = {}
         for (name, dtype), section in zip(_SECTIONS, header.pop("sections")):
-            data = bytearray(section["bytes"])
-            if file.readinto(data) != len(data):
-                raise SnapshotError(f"{path} ends inside section {name}: it is truncated")
-            if zlib.crc32(data) != section["crc32"]:
-                raise SnapshotError(f"section {name} of {path} fails its CRC-32 check: the file is damaged")
-            arrays[name] = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+            data = _read_checked(file, section["bytes"], section["crc32"], name, path)
+            arrays[name] = data.view(dtype).astype(dtype.newbyteorder("="), copy=False)
         if file.read(1):
             raise SnapshotError(f"{path} has bytes after its last section")
     checked = _checked_header(header, path)
     arrays["vectors"] = _vectors_of_dim(arrays["vectors"], checked.dim, path)
     return Snapshot(header=checked, **arrays)
+
+
+def _read_checked(file, size: int, crc32: int, name: str, path: Path) -> np.ndarray:
+    """Read size bytes of section name into a new uint8 array and check their CRC-32; raise SnapshotError if not.
+
+    The CRC of each chunk is computed on another thread while the next chunk is read, since both
+    release the GIL, so a large section costs little more than its read.
+    """
+    data = np.empty(size, dtype=np.uint8)
+    crc = 0
+    with futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-crc") as checker:
+        pending = None
+        for start in range(0, size, _READ_CHUNK_BYTES):
+            chunk = memoryview(data[start : start + _READ_CHUNK_BYTES])
+            if file.readinto(chunk) != len(chunk):
+                raise SnapshotError(f"{path} ends inside section {name}: it is truncated")
+            crc = pending.result() if pending else crc
+            pending = checker.submit(zlib.crc32, chunk, crc)
+        crc = pending.result() if pending else crc
+    if crc != crc32:
+        raise SnapshotError(f"section {name} of {path} fails its CRC-32 check: the file is damaged")
+    return data
 
 
 def remove_temp_file(path: Path) -> bool:

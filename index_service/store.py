@@ -97,6 +97,8 @@ _ITEM_COLUMNS = (
     "row_id, item_id, sha256, uri, width, height, metadata, vector, model_id, created_at, "
     "fingerprint_version, pixel_sha256, phash, layout"
 )
+# The same columns with an empty blob for the vector, for callers that need everything else.
+_ITEM_COLUMNS_WITHOUT_VECTOR = _ITEM_COLUMNS.replace("vector", "x'' AS vector")
 # The sequence names of the two AUTOINCREMENT tables in sqlite_sequence.
 _ITEMS_SEQUENCE = "items"
 _REMOVALS_SEQUENCE = "removed_items"
@@ -167,7 +169,7 @@ class Store:
                 f"{self.path} could not be opened ({error}); another index service may be using it, "
                 "so give each service its own IMGSEARCH_INDEX_DATA_DIR"
             ) from error
-        log.info("store_opened", path=str(self.path), item_count=self.count())
+        log.info("store_opened", path=str(self.path), last_row_id=self.last_row_id())
 
     def _configure(self) -> None:
         # The faiss index of this process mirrors the file, so no other process may write to it.
@@ -417,9 +419,13 @@ class Store:
         """Return the stored items whose item_id is in item_ids, keyed by item_id."""
         return {item.item_id: item for item in self._select_in("item_id", list(item_ids))}
 
-    def items_by_row_id(self, row_ids: Iterable[int]) -> dict[int, StoredItem]:
-        """Return the stored items whose row_id is in row_ids, keyed by row_id."""
-        return {item.row_id: item for item in self._select_in("row_id", [int(r) for r in row_ids])}
+    def items_by_row_id(self, row_ids: Iterable[int], with_vectors: bool = True) -> dict[int, StoredItem]:
+        """Return the stored items whose row_id is in row_ids, keyed by row_id.
+
+        with_vectors False leaves each item's vector empty, which saves reading 2 KB per item of dim 512.
+        """
+        columns = _ITEM_COLUMNS if with_vectors else _ITEM_COLUMNS_WITHOUT_VECTOR
+        return {item.row_id: item for item in self._select_in("row_id", [int(r) for r in row_ids], columns)}
 
     def fingerprints_by_row_id(self, row_ids: Iterable[int]) -> dict[int, Fingerprint]:
         """Return the fingerprints of the items in row_ids that have one, keyed by row_id."""
@@ -437,14 +443,14 @@ class Store:
             found.update((row[0], _fingerprint_from_row(*row[1:])) for row in rows)
         return found
 
-    def _select_in(self, column: str, values: list) -> list[StoredItem]:
+    def _select_in(self, column: str, values: list, columns: str = _ITEM_COLUMNS) -> list[StoredItem]:
         found = []
         for start in range(0, len(values), _MAX_PARAMETERS):
             chunk = values[start : start + _MAX_PARAMETERS]
             placeholders = ", ".join("?" * len(chunk))
             with self._lock:
                 rows = self._connection.execute(
-                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE {column} IN ({placeholders})", chunk
+                    f"SELECT {columns} FROM items WHERE {column} IN ({placeholders})", chunk
                 ).fetchall()
             found.extend(_item_from_row(row) for row in rows)
         return found

@@ -20,8 +20,8 @@ REMOVAL_MODES = ("auto", "remove_ids", "mask")
 _ID_BYTES = 56
 _TRAINING_SEED = 1234
 # faiss brute-force search uses BLAS once queries times dim reach this, and a slower loop below it.
-# faiss's default, 128000, keeps batches of up to 249 queries of dim 512 in the loop; the loop took
-# about 11 ms per query at 100k vectors here, BLAS about 4 ms for a batch of 8 (bench/perf.py).
+# faiss's default, 128000, keeps batches of up to 249 queries of dim 512 in the loop. Here the loop
+# took about 11 ms per query at 100k vectors, and BLAS about 4 ms for a batch of 8.
 _BLAS_THRESHOLD = 4096
 
 
@@ -113,10 +113,14 @@ class VectorIndex:
         self.device = _choose_device(device)
         _check_device_supports(self.device, spec, removal)
         self.spec = spec
-        self.removal = removal if removal != "auto" else ("mask" if self.device == "gpu" else "remove_ids")
+        if removal == "auto":
+            removal = "mask" if self.device == "gpu" else "remove_ids"
+        self.removal = removal
         self._max_masked = max_masked
         self._gpu_resources = faiss.StandardGpuResources() if self.device == "gpu" else None
         self._index = None
+        # Whether the ids of an IndexIDMap ascend, so that a binary search finds a row id's position.
+        self._ids_ascend = True
         self._layout = spec.layout_for(0)
         self._masked: set[int] = set()
         self._lock = ReadWriteLock()
@@ -179,6 +183,9 @@ class VectorIndex:
                 self._index = self._on_device(new_index(self._layout, xb.shape[1]))
             if xb.shape[1] != self._index.d:
                 raise ValueError(f"vectors have dim {xb.shape[1]}, but the index has dim {self._index.d}")
+            if len(ids) and self._ids_ascend and _has_id_map(self._index):
+                known = _id_map_view(self._index)
+                self._ids_ascend = _ascending(ids) and (len(known) == 0 or ids[0] > known[-1])
             self._index.add_with_ids(xb, ids)
 
     def remove(self, row_ids: np.ndarray) -> int:
@@ -217,6 +224,7 @@ class VectorIndex:
         with self._lock.writing():
             masked = len(self._masked)
             self._index, self._layout, self._masked = device_index, built.layout, set()
+            self._ids_ascend = self._index is None or not _has_id_map(self._index) or _ascending(_id_map_view(self._index))
         log.info("vector_index_installed", item_count=built.count, index_type=built.layout.description,
                  masked_dropped=masked)
 
@@ -262,6 +270,7 @@ class VectorIndex:
         device_index = None if built.index is None else self._on_device(built.index)
         with self._lock.writing():
             self._index, self._layout = device_index, built.layout
+            self._ids_ascend = self._index is None or not _has_id_map(self._index) or _ascending(_id_map_view(self._index))
             self._masked = {int(row_id) for row_id in state.masked} if len(state.serialized) else set()
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -354,6 +363,9 @@ class VectorIndex:
             if self._masked:
                 found = np.array([int(row_id) not in self._masked for row_id in ids], dtype=bool)
             vectors = np.zeros((len(ids), self._index.d), dtype=np.float32)
+            if _has_id_map(self._index):
+                self._reconstruct_by_position(ids, found, vectors)
+                return found, vectors
             if np.all(found) and len(ids):
                 try:
                     return found, self._index.reconstruct_batch(ids)
@@ -365,6 +377,24 @@ class VectorIndex:
                 except RuntimeError:
                     found[position] = False
             return found, vectors
+
+    def _reconstruct_by_position(self, ids: np.ndarray, found: np.ndarray, vectors: np.ndarray) -> None:
+        """Fill vectors with those of ids, found by their positions in the id map; clear found for missing ones."""
+        known = _id_map_view(self._index)
+        if self._ids_ascend:
+            order, sorted_known = None, known
+        else:
+            order = np.argsort(known, kind="stable")
+            sorted_known = known[order]
+        positions = np.minimum(np.searchsorted(sorted_known, ids), max(len(known) - 1, 0))
+        found &= len(known) > 0
+        found &= sorted_known[positions] == ids if len(known) else found
+        if order is not None:
+            positions = order[positions]
+        wanted = np.flatnonzero(found)
+        if len(wanted):
+            inner = faiss.downcast_index(self._index.index)
+            vectors[wanted] = inner.reconstruct_batch(positions[wanted].astype(np.int64))
 
     def _masks(self) -> bool:
         return self.removal == "mask" or not self._layout.removes_in_place
@@ -410,6 +440,21 @@ def _check_device_supports(device: str, spec: IndexSpec, removal: str) -> None:
             f"IMGSEARCH_INDEX_REMOVAL is remove_ids, which {'a GPU' if device == 'gpu' else 'an HNSW'} index "
             "cannot do; use auto or mask"
         )
+
+
+def _has_id_map(index) -> bool:
+    return hasattr(index, "id_map")
+
+
+def _id_map_view(index) -> np.ndarray:
+    """Return the ids of an IndexIDMap as an int64 array over its memory; valid while the index is unchanged."""
+    if index.ntotal == 0:
+        return np.empty(0, dtype=np.int64)
+    return faiss.rev_swig_ptr(index.id_map.data(), index.ntotal)
+
+
+def _ascending(ids: np.ndarray) -> bool:
+    return bool(len(ids) < 2 or np.all(ids[1:] > ids[:-1]))
 
 
 def _index_ids(index) -> np.ndarray:

@@ -111,7 +111,7 @@ def test_stats_of_empty_collection(index):
     assert stats.item_count == 0
     assert stats.dim == 0
     assert stats.model_id == ""
-    assert stats.index_type == "IDMap2,Flat"
+    assert stats.index_type == "IDMap,Flat"
     assert stats.index_device == "cpu"
 
 

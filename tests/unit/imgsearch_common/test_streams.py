@@ -97,3 +97,15 @@ def test_heavy_requests_buffered_are_bounded():
     threading.Event().wait(0.3)
     assert reader._queue.qsize() == 4  # noqa: SLF001 - IMG3, v1 and the end of the stream followed
     reader.close()
+
+
+def test_next_batch_without_waiting():
+    source: queue.Queue = queue.Queue()
+    reader = RequestBatcher(_stream_from(source), max_buffered=4, name="test-reader")
+
+    assert reader.next_batch(4, wait=False) == []
+    source.put("a")
+    assert reader.next_batch(4) == ["a"]
+    source.put(_END)
+    threading.Event().wait(0.2)
+    assert reader.next_batch(4, wait=False) is None

@@ -75,7 +75,7 @@ def test_ingest_adds_items_with_assigned_ids(collection, embedder):
     assert embedder.calls == [2]
     stats = collection.stats()
     assert (stats.item_count, stats.dim, stats.model_id) == (2, _DIM, "fake-clip")
-    assert (stats.index_type, stats.index_device) == ("IDMap2,Flat", "cpu")
+    assert (stats.index_type, stats.index_device) == ("IDMap,Flat", "cpu")
 
 
 def test_ingest_keeps_caller_item_id(collection):

@@ -100,7 +100,7 @@ def test_add_rejects_mismatched_counts(cpu_index):
 
 
 def test_index_type_and_device(cpu_index):
-    assert cpu_index.index_type == "IDMap2,Flat"
+    assert cpu_index.index_type == "IDMap,Flat"
     assert cpu_index.device == "cpu"
 
 
@@ -382,3 +382,14 @@ def test_load_of_empty_arrays_empties_index():
 def test_load_rejects_bad_arrays(row_ids, vectors, message):
     with pytest.raises(ValueError, match=message):
         VectorIndex(device="cpu").load(row_ids, vectors)
+
+
+def test_vectors_found_after_out_of_order_adds(cpu_index):
+    late, early = _unit_vectors(2, seed=40), _unit_vectors(1, seed=41)
+    cpu_index.add(np.array([50, 60]), late)
+    cpu_index.add(np.array([7]), early)
+
+    found, vectors = cpu_index.vectors_if_present(np.array([60, 7, 8, 50]))
+
+    assert found.tolist() == [True, True, False, True]
+    np.testing.assert_array_equal(vectors[[0, 1, 3]], np.stack([late[1], early[0], late[0]]))
