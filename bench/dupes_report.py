@@ -3,6 +3,7 @@
 import pathlib
 
 from bench.dupes_variants import DISTRACTOR_KINDS, EXACT_KINDS, NEAR_KINDS, SEPARATE_KINDS
+from bench.readme_part import replace_part
 
 _KIND_ORDER = EXACT_KINDS + NEAR_KINDS + DISTRACTOR_KINDS + SEPARATE_KINDS
 
@@ -59,15 +60,6 @@ def write_plot(distances: dict[str, list[tuple[int, float]]], policy: dict, out:
     pyplot.close(figure)
 
 
-_README_START = "<!-- bench-dupes:start -->"
-_README_END = "<!-- bench-dupes:end -->"
-
-
 def update_readme(readme: pathlib.Path, table: str) -> None:
     """Replace the text between the bench-dupes markers of the README with the table."""
-    text = readme.read_text()
-    start, end = text.find(_README_START), text.find(_README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme} has no {_README_START} ... {_README_END} markers")
-    text = text[: start + len(_README_START)] + "\n" + table.rstrip("\n") + "\n" + text[end:]
-    readme.write_text(text)
+    replace_part(readme, "bench-dupes", table)

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import pathlib
 
+from bench.readme_part import replace_part
+
 
 @dataclasses.dataclass(frozen=True)
 class Figure:
@@ -77,15 +79,6 @@ def write_plot(figures: list[Figure], out: pathlib.Path) -> None:
     pyplot.close(fig)
 
 
-_README_START = "<!-- bench-perf:start -->"
-_README_END = "<!-- bench-perf:end -->"
-
-
 def update_readme(readme: pathlib.Path, text: str) -> None:
     """Replace the text between the bench-perf markers of the README with text."""
-    content = readme.read_text()
-    start, end = content.find(_README_START), content.find(_README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme} has no {_README_START} ... {_README_END} markers")
-    content = content[: start + len(_README_START)] + "\n" + text.rstrip("\n") + "\n" + content[end:]
-    readme.write_text(content)
+    replace_part(readme, "bench-perf", text)

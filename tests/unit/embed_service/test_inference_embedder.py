@@ -18,15 +18,9 @@ from embed_service.backends.inference_embedder import InferenceEmbedder
 from imgsearch_common.errors import DeadlineExceededError, InvalidInputError, UnavailableError
 from imgsearch_common.grpc_errors import status_for
 from tests.fakes.images import noise_images, solid_png
-from tests.fakes.inference_standin import Behaviour, InferenceStandIn, fake_embedding
+from tests.fakes.inference_standin import Behaviour, fake_embedding
 
 _API_KEY = "rf-test-key-0123"
-
-
-@pytest.fixture
-def standin():
-    with InferenceStandIn() as server:
-        yield server
 
 
 def _embedder(

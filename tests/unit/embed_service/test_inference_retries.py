@@ -17,44 +17,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from embed_service.backends import inference_embedder
-from embed_service.backends.inference_embedder import InferenceEmbedder
 from imgsearch_common.errors import DeadlineExceededError, InvalidInputError, UnavailableError
 from imgsearch_common.grpc_errors import status_for
 from tests.fakes.images import noise_images, solid_png
-from tests.fakes.inference_standin import Behaviour, InferenceStandIn, fake_embedding
+from tests.fakes.inference_standin import Behaviour, fake_embedding
 
 _API_KEY = "rf-secret-key-5e1f7c"
 _MARKER = b"FAULTY-IMAGE"
-
-
-@pytest.fixture
-def standin():
-    with InferenceStandIn() as server:
-        yield server
-
-
-@pytest.fixture
-def make_embedder():
-    """Return a function that builds an embedder with fast test settings and closes it afterwards."""
-    created = []
-
-    def make(url: str, **overrides) -> InferenceEmbedder:
-        settings = {
-            "api_key": "",
-            "clip_version_id": "ViT-B-32",
-            "timeout_s": 2.0,
-            "concurrency": 4,
-            "retries": 2,
-            "backoff_s": 0.01,
-        }
-        settings.update(overrides)
-        embedder = InferenceEmbedder(url=url, **settings)
-        created.append(embedder)
-        return embedder
-
-    yield make
-    for embedder in created:
-        embedder.close()
 
 
 def _image(seed: int = 0) -> bytes:

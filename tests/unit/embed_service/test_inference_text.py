@@ -12,7 +12,7 @@ import pytest
 import requests
 from structlog.testing import capture_logs
 
-from embed_service.backends.inference_embedder import EMBED_TEXT_PATH, InferenceEmbedder
+from embed_service.backends.inference_embedder import EMBED_TEXT_PATH
 from embed_service.tokenizer import default_tokenizer
 from imgsearch_common.errors import DeadlineExceededError, InvalidInputError, UnavailableError
 from imgsearch_common.grpc_errors import status_for
@@ -20,43 +20,12 @@ from tests.fakes.images import solid_png
 from tests.fakes.inference_standin import (
     TEXT_TOO_LONG_MESSAGE,
     Behaviour,
-    InferenceStandIn,
     fake_embedding,
     fake_text_embedding,
 )
 
 _API_KEY = "rf-secret-key-7c4e1a"
 _TEXT = "a dog on a sofa"
-
-
-@pytest.fixture
-def standin():
-    with InferenceStandIn() as server:
-        yield server
-
-
-@pytest.fixture
-def make_embedder():
-    """Return a function that builds an embedder with fast test settings and closes it afterwards."""
-    created = []
-
-    def make(url: str, **overrides) -> InferenceEmbedder:
-        settings = {
-            "api_key": "",
-            "clip_version_id": "ViT-B-32",
-            "timeout_s": 2.0,
-            "concurrency": 4,
-            "retries": 2,
-            "backoff_s": 0.01,
-        }
-        settings.update(overrides)
-        embedder = InferenceEmbedder(url=url, **settings)
-        created.append(embedder)
-        return embedder
-
-    yield make
-    for embedder in created:
-        embedder.close()
 
 
 def _normalised(vector: np.ndarray) -> np.ndarray:
