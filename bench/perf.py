@@ -35,6 +35,7 @@ _K = 10
 _DIM = 512
 _START_TIMEOUT_S = 900.0
 _NPROBES = (4, 8, 16, 32, 64)
+_EF_SEARCHES = (16, 32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,16 @@ class Benchmark:
         with self._index_service(data_dir, kind="auto", encoding="sq8") as service:
             sq8 = self._nprobe_sweep(_stub(service.addr), queries, truth)
             sq8_stats = _stats(service.addr)
+        with self._index_service(data_dir, kind="hnsw") as service:
+            hnsw = self._effort_sweep(_stub(service.addr), queries, truth, "ef_search", _EF_SEARCHES)
+            hnsw_stats = _stats(service.addr)
+        best_hnsw = _best_at_recall(hnsw, 0.95)
+        flat_qps = self.details["small"]["flat_sequential_qps"]
+        self.figures.append(reported(f"HNSW Search QPS / flat Search QPS at {_size(self.sizes.small)}",
+                                     best_hnsw["qps"] / flat_qps, "x",
+                                     f"{hnsw_stats.index_type}, ef_search {best_hnsw['ef_search']}, recall@10 "
+                                     f"{best_hnsw['recall_at_10']:.3f}; both over gRPC, one query per call"))
+        self.details["small_hnsw"] = {"index_type": hnsw_stats.index_type, "sweep": hnsw}
         self.figures.append(reported(f"index memory, IVF with sq8 / IVF with float32 at {_size(self.sizes.small)}",
                                      sq8_stats.index_memory_bytes / stats.index_memory_bytes, "x",
                                      f"GetStats estimates; sq8 recall@10 {_best_recall(sq8):.3f}"))
@@ -157,11 +168,15 @@ class Benchmark:
         return sweep
 
     def _nprobe_sweep(self, stub, queries: np.ndarray, truth: np.ndarray) -> list[dict]:
+        return self._effort_sweep(stub, queries, truth, "nprobe", _NPROBES)
+
+    def _effort_sweep(self, stub, queries: np.ndarray, truth: np.ndarray, name: str, values) -> list[dict]:
+        """Return QPS and recall@10 of sequential searches for each value of the search param name."""
         sweep = []
-        for nprobe in _NPROBES:
-            result = perf_search.ours_sequential(stub, queries[: self.sizes.latency_queries], _K, nprobe=nprobe)
+        for value in values:
+            result = perf_search.ours_sequential(stub, queries[: self.sizes.latency_queries], _K, **{name: value})
             recall = perf_data.recall_at(result["found"], truth[: self.sizes.latency_queries])
-            sweep.append({"nprobe": nprobe, "qps": result["qps"], "recall_at_10": recall})
+            sweep.append({name: value, "qps": result["qps"], "recall_at_10": recall})
         return sweep
 
     def _peer(self, vectors, queries, truth, flat_sequential: dict, ours_ivf: list[dict]) -> None:
