@@ -1,5 +1,6 @@
 """Batching of a gRPC request stream on a reader thread, shared by both services' streaming RPCs."""
 
+import collections
 import queue
 import threading
 from collections.abc import Iterable
@@ -104,3 +105,23 @@ class RequestBatcher:
             except queue.Full:
                 continue
         return False
+
+
+def pipelined(next_batch, start, finish):
+    """Yield finish(start(batch)) for each batch, starting the next batch before the current one is finished.
+
+    next_batch(wait) returns the next batch, None at the end, or (with wait False) an empty list when
+    none has arrived yet. A batch is started ahead only when it has already arrived, so a client that
+    waits for responses before it sends more is never kept waiting. finish returns an iterable.
+    """
+    ahead: collections.deque = collections.deque()
+    while True:
+        if not ahead:
+            batch = next_batch(True)
+            if batch is None:
+                return
+            ahead.append(start(batch))
+        more = next_batch(False)
+        if more:
+            ahead.append(start(more))
+        yield from finish(ahead.popleft())
