@@ -3,7 +3,7 @@
 import queue
 import threading
 
-from imgsearch_common.streams import RequestBatcher
+from imgsearch_common.streams import RequestBatcher, pipelined
 
 _END = object()
 
@@ -109,3 +109,34 @@ def test_next_batch_without_waiting():
     source.put(_END)
     threading.Event().wait(0.2)
     assert reader.next_batch(4, wait=False) is None
+
+
+def test_pipelined_starts_the_next_batch_before_finishing_one():
+    arrived = [["a", "b"], ["c"]]
+    events = []
+
+    def next_batch(wait):
+        return arrived.pop(0) if arrived else None
+
+    def start(batch):
+        events.append(f"start {''.join(batch)}")
+        return batch
+
+    def finish(batch):
+        events.append(f"finish {''.join(batch)}")
+        return [item.upper() for item in batch]
+
+    assert list(pipelined(next_batch, start, finish)) == ["A", "B", "C"]
+    assert events == ["start ab", "start c", "finish ab", "finish c"]
+
+
+def test_pipelined_waits_only_when_nothing_is_ahead():
+    calls = []
+    batches = iter([["a"], [], ["b"], None, None])
+
+    def next_batch(wait):
+        calls.append(wait)
+        return next(batches)
+
+    assert list(pipelined(next_batch, lambda batch: batch, lambda batch: batch)) == ["a", "b"]
+    assert calls == [True, False, True, False, True]
