@@ -33,7 +33,10 @@ def search_text(value: str) -> str:
 
 def positive_int(value: str) -> int:
     """Accept an integer of 1 or more."""
-    number = non_negative_int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
     return number

@@ -105,6 +105,8 @@ def _add_ingest(subcommands) -> None:
                         help="what to do with an image that duplicates a stored item [server default: skip]")
     ingest.add_argument("--duplicate-match", choices=["exact", "near"],
                         help="which matches count as duplicates [server default: exact]")
+    ingest.add_argument("--metadata", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="metadata stored with every image of this call, for example tag=dog; repeatable")
     _add_connection(ingest)
 
 
@@ -225,7 +227,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         service = overrides.pop("service")
         return commands.serve(service, os.environ, overrides)
     if args.command == "ingest":
-        policy = commands.DuplicatePolicy(args.on_duplicate or "", args.duplicate_match or "")
+        policy = commands.DuplicatePolicy(args.on_duplicate or "", args.duplicate_match or "", dict(args.metadata))
         return commands.ingest(args.addr, args.paths, as_json=args.json, timeout_s=args.timeout, policy=policy,
                                connection=_connection(args, os.environ))
     if args.command == "search":

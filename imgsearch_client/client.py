@@ -299,6 +299,10 @@ class IndexClient:
             "model_id": response.model_id,
             "index_type": response.index_type,
             "index_device": response.index_device,
+            "index_kind": response.index_kind,
+            "index_memory_bytes": response.index_memory_bytes,
+            "nlist": response.nlist,
+            "default_search_effort": response.default_search_effort,
         }
 
     def find_duplicates(

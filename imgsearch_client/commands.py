@@ -64,10 +64,11 @@ class MetadataChange:
 
 @dataclasses.dataclass(frozen=True)
 class DuplicatePolicy:
-    """The duplicate policy that ingest sends; empty strings take the server's defaults."""
+    """The duplicate policy that ingest sends, empty strings taking the server's defaults, and metadata for every item."""
 
     on_duplicate: str = ""
     duplicate_match: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def serve(service: str, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
@@ -142,6 +143,7 @@ def _items(files: list[pathlib.Path], read_errors: list[CommandError], policy: D
             uri=str(path.resolve()),
             on_duplicate=policy.on_duplicate,
             duplicate_match=policy.duplicate_match,
+            metadata=policy.metadata,
         )
 
 
@@ -181,7 +183,8 @@ def search(args, connection: Connection = Connection()) -> int:
     if args.json:
         print(json.dumps(neighbours_to_json(neighbours), indent=2))
     elif not neighbours:
-        print("no neighbours found: the collection is empty, or min-score left every item out", file=sys.stderr)
+        print("no neighbours found: the collection is empty, or the filter or min-score left every item out",
+              file=sys.stderr)
     else:
         for rank, neighbour in enumerate(neighbours, start=1):
             print(f"{rank:3d}  {neighbour.score:+.4f}  {neighbour.match:<11}  {neighbour.item_id}  {neighbour.uri}")

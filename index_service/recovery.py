@@ -113,6 +113,9 @@ def restore_indexes(
         added, removed = _replay_after(store, vector_index, phash_index, loaded)
         changes = added + removed
     if vector_index.needs_rebuild or vector_index.wants_relayout:
+        log.info("vector_index_rebuilding", index_type=vector_index.index_type,
+                 wanted=vector_index.spec.layout_for(len(vector_index)).description,
+                 masked_count=vector_index.masked_count)
         vector_index.rebuild(store.vector_batches())
         changes += 1
 

@@ -57,6 +57,8 @@ class Relayout:
 
     def _run(self) -> None:
         started = time.perf_counter()
+        log.info("relayout_started", index_type=self._index.index_type, item_count=len(self._index),
+                 wanted=self._index.spec.layout_for(len(self._index)).description)
         try:
             with self._commit_lock:
                 max_row_id, last_removal_id = self._store.max_row_id(), self._store.last_removal_id()

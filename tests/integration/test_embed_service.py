@@ -253,11 +253,15 @@ def test_inference_client_deadline_exceeded(start_service):
         standin.delay_s = 5.0
 
         started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as raised:
-            service.embed([_request(solid_png(20, 20, (5, 5, 5)), "slow")], timeout=0.5)
+        try:
+            [response] = service.embed([_request(solid_png(20, 20, (5, 5, 5)), "slow")], timeout=0.5)
+            # The server may give up first, within the deadline that it was sent, and answer per item.
+            code_name = response.error.code_name
+        except grpc.RpcError as error:
+            code_name = error.code().name
         elapsed = time.monotonic() - started
 
-    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code_name == "DEADLINE_EXCEEDED"
     assert elapsed < 3.0
 
 

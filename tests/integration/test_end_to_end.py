@@ -106,3 +106,24 @@ def test_cli_ingest_and_search_json(services, tmp_path, capsys):
     assert pathlib.Path(result["neighbours"][0]["uri"]).name == "1.png"
     assert result["neighbours"][0]["score"] >= 0.999
     assert grid.is_file()
+
+
+def test_cli_ingest_metadata_then_filtered_search_and_stats(services, tmp_path, capsys):
+    folder = tmp_path / "tagged"
+    folder.mkdir()
+    for number, image in enumerate(noise_images(2, seed=11)):
+        (folder / f"{number}.png").write_bytes(image)
+    assert cli.main(["ingest", "--addr", services, "--json", "--metadata", "tag=cat", "--metadata", "set=b",
+                     str(folder)]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["search", "--addr", services, "--json", "-k", "5", "--where", "tag=cat",
+                     str(folder / "0.png")]) == 0
+    neighbours = json.loads(capsys.readouterr().out)["neighbours"]
+    assert cli.main(["stats", "--addr", services, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+
+    assert sorted(pathlib.Path(n["uri"]).name for n in neighbours) == ["0.png", "1.png"]
+    assert all(n["metadata"] == {"tag": "cat", "set": "b"} for n in neighbours)
+    assert (stats["index_kind"], stats["nlist"], stats["default_search_effort"]) == ("flat", 0, 0)
+    assert stats["index_memory_bytes"] >= stats["item_count"] * stats["dim"] * 4
