@@ -53,11 +53,6 @@ _ON_DUPLICATES = {
 }
 
 
-# Queries of a SearchStream searched together at most, so that the next batch is searched while the
-# responses of one are sent. faiss's BLAS search costs about the same per query from 250 queries on.
-_STREAM_BATCH_SIZE = 256
-
-
 class _CallEnded(Exception):
     """The caller of a long RPC cancelled it or went away, so the work stops."""
 
@@ -151,7 +146,9 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
         return self._search_response(neighbours)
 
     def SearchStream(self, request_iterator, context):
-        batch_size = min(self._search_batch_size, _STREAM_BATCH_SIZE)
+        # A flat search reads every vector once per faiss call, so a stream's queries are searched in
+        # batches as large as SEARCH_BATCH_SIZE; the next batch is searched while one's responses are sent.
+        batch_size = self._search_batch_size
         reader = RequestBatcher(request_iterator, max_buffered=2 * batch_size, name="search-reader")
         # Searches the next batch while this thread sends the current one's responses.
         searcher = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-stream")
