@@ -33,23 +33,21 @@ def search_text(value: str) -> str:
 
 def positive_int(value: str) -> int:
     """Accept an integer of 1 or more."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
-    return number
+    return _int_at_least(value, 1)
 
 
 def non_negative_int(value: str) -> int:
     """Accept an integer of 0 or more."""
+    return _int_at_least(value, 0)
+
+
+def _int_at_least(value: str, minimum: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {number}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected {minimum} or more, got {number}")
     return number
 
 
