@@ -7,7 +7,6 @@ tell nothing about CLIP.
 """
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys

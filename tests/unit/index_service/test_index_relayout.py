@@ -2,7 +2,6 @@
 
 import threading
 
-import numpy as np
 import pytest
 
 from index_service.collection import Collection, CollectionLimits, IngestItem, SearchEffort, VectorQuery
