@@ -119,6 +119,32 @@ class DuplicateCriteria:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchQuery:
+    """One search of IndexClient.search_stream(): exactly one of image, embedding, item_id or text, and its settings."""
+
+    image: bytes | None = None
+    embedding: Sequence[float] | None = None
+    item_id: str | None = None
+    text: str | None = None
+    k: int = 10
+    min_score: float | None = None
+    item_filter: "ItemFilter | None" = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def to_proto(self) -> index_service_pb2.SearchRequest:
+        """Return the request; raises ValueError unless exactly one query is set."""
+        request = _search_request(self.image, self.embedding, self.item_id, self.text, self.k, self.min_score)
+        if self.item_filter is not None:
+            request.filter.CopyFrom(self.item_filter.to_proto())
+        if self.nprobe is not None:
+            request.search_params.nprobe = self.nprobe
+        if self.ef_search is not None:
+            request.search_params.ef_search = self.ef_search
+        return request
+
+
+@dataclasses.dataclass(frozen=True)
 class ItemFilter:
     """Conditions on the items a search or audit may return, all of which must hold.
 
@@ -274,18 +300,36 @@ class IndexClient:
         item_filter limits the neighbours to the items that pass it. nprobe (IVF) and ef_search (HNSW)
         set how hard an approximate index searches; None takes the server's default.
         """
-        request = _search_request(image, embedding, item_id, text, k, min_score)
-        if item_filter is not None:
-            request.filter.CopyFrom(item_filter.to_proto())
-        if nprobe is not None:
-            request.search_params.nprobe = nprobe
-        if ef_search is not None:
-            request.search_params.ef_search = ef_search
+        query = SearchQuery(image, embedding, item_id, text, k, min_score, item_filter, nprobe, ef_search)
         try:
-            response = self._stub.Search(request, timeout=self._timeout_s)
+            response = self._stub.Search(query.to_proto(), timeout=self._timeout_s)
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
         return [_neighbour_from_proto(neighbour) for neighbour in response.neighbours]
+
+    def search_stream(
+        self, queries: Iterable["SearchQuery"], timeout_s: float | None = None
+    ) -> Iterator[list[Neighbour] | ClientError]:
+        """Run many searches over one SearchStream; yield each query's neighbours, or its ClientError, in order.
+
+        The server searches the queries that arrive together in one faiss call, so this costs far less
+        per query than as many search() calls. A failed query does not end the stream. timeout_s bounds
+        the whole stream; by default there is none. Raises ValueError, before anything is sent, for a
+        query that does not set exactly one of image, embedding, item_id or text, and ClientError when
+        the call itself fails.
+        """
+        requests = [query.to_proto() for query in queries]
+        responses = self._stub.SearchStream(iter(requests), timeout=timeout_s)
+        try:
+            for response in responses:
+                if response.HasField("error"):
+                    yield ClientError(response.error.code_name, response.error.message)
+                else:
+                    yield [_neighbour_from_proto(n) for n in response.response.neighbours]
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        finally:
+            responses.cancel()
 
     def stats(self) -> dict[str, object]:
         """Return the collection's item count, dim, model_id and index details."""

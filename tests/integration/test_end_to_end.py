@@ -9,7 +9,7 @@ import pytest
 from embed_service import config as embed_config
 from embed_service import server as embed_server
 from imgsearch_client import cli
-from imgsearch_client.client import ClientError, IndexClient, IngestItem
+from imgsearch_client.client import ClientError, IndexClient, IngestItem, SearchQuery
 from index_service import config as index_config
 from index_service import server as index_server
 from tests.fakes.images import noise_images
@@ -127,3 +127,20 @@ def test_cli_ingest_metadata_then_filtered_search_and_stats(services, tmp_path, 
     assert all(n["metadata"] == {"tag": "cat", "set": "b"} for n in neighbours)
     assert (stats["index_kind"], stats["nlist"], stats["default_search_effort"]) == ("flat", 0, 0)
     assert stats["index_memory_bytes"] >= stats["item_count"] * stats["dim"] * 4
+
+
+def test_client_search_stream_answers_in_order(services):
+    images = noise_images(3, seed=12)
+    with IndexClient(services) as client:
+        list(client.ingest(IngestItem(image=image, item_id=f"stream-{n}") for n, image in enumerate(images)))
+        queries = [SearchQuery(item_id="stream-2", k=1), SearchQuery(item_id="no-such-item"),
+                   SearchQuery(image=images[0], k=2), SearchQuery(text="a dog on a sofa", k=1)]
+
+        results = list(client.search_stream(queries))
+        with pytest.raises(ValueError, match="exactly one of"):
+            client.search_stream([SearchQuery(item_id="stream-1", text="two queries")]).__next__()
+
+    assert [n.item_id for n in results[0]] == ["stream-2"]
+    assert (results[1].code, "no-such-item" in results[1].message) == ("NOT_FOUND", True)
+    assert results[2][0].item_id == "stream-0"
+    assert len(results[3]) == 1
