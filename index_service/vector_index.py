@@ -114,7 +114,7 @@ class VectorIndex:
         _check_device_supports(self.device, spec, removal)
         self.spec = spec
         if removal == "auto":
-            removal = "mask" if self.device == "gpu" else "remove_ids"
+            removal = "mask" if self.device == "gpu" or spec.kind == "hnsw" else "remove_ids"
         self.removal = removal
         self._max_masked = max_masked
         self._gpu_resources = faiss.StandardGpuResources() if self.device == "gpu" else None
@@ -458,9 +458,12 @@ def _ascending(ids: np.ndarray) -> bool:
 
 
 def _index_ids(index) -> np.ndarray:
-    """Return the ids in a CPU or GPU IndexIDMap2 or IVF index, unsorted."""
+    """Return the ids in a CPU or GPU IndexIDMap, IndexIDMap2 or IVF index, unsorted."""
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if not isinstance(index, faiss.IndexIVF):
+        # NOTE: a GPU IVF index keeps its lists on the device; this copy to the CPU never ran on a GPU.
+        index = faiss.index_gpu_to_cpu(index)
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
     parts = [

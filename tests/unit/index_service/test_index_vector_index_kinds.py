@@ -84,7 +84,7 @@ def test_hnsw_masks_removed_vectors(database):
 
     assert index.remove(np.array([5])) == 1
 
-    assert index.removal == "remove_ids"
+    assert index.removal == "mask"
     assert index.masked_count == 1
     assert 5 not in _found(index, database[5:6], 5)[0]
     assert len(index) == 1999
