@@ -122,6 +122,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
         try:
             results = iter(self._collection.store_embedded(embedding.result()))
         except Exception as error:  # noqa: BLE001 - one broken batch must not end the stream
+            log.warning("ingest_batch_failed", items=len(requests), error=str(error))
             failure = item_error(error)
             return [_ingest_response_failed(failure, r.uri) for r in requests]
         return [
@@ -177,6 +178,7 @@ class IndexServicer(index_service_pb2_grpc.IndexServiceServicer):
         try:
             results = iter(self._collection.search_many(specs, remaining_seconds(context, self._embed_timeout_s)))
         except Exception as error:  # noqa: BLE001 - one broken batch must not end the stream
+            log.warning("search_batch_failed", queries=len(requests), error=str(error))
             failure = item_error(error)
             return [index_service_pb2.SearchStreamResponse(error=failure) for _ in requests]
         responses = []

@@ -220,11 +220,7 @@ class VectorIndex:
 
     def install(self, built: BuiltIndex) -> None:
         """Replace the index with built, clearing the mask; searches wait only for the swap."""
-        device_index = None if built.index is None else self._on_device(built.index)
-        with self._lock.writing():
-            masked = len(self._masked)
-            self._index, self._layout, self._masked = device_index, built.layout, set()
-            self._ids_ascend = self._index is None or not _has_id_map(self._index) or _ascending(_id_map_view(self._index))
+        masked = self._swap(built, set())
         log.info("vector_index_installed", item_count=built.count, index_type=built.layout.description,
                  masked_dropped=masked)
 
@@ -267,11 +263,17 @@ class VectorIndex:
             built = BuiltIndex(index, state.layout)
         else:
             built = self._flat_built(state)
+        masked = {int(row_id) for row_id in state.masked} if len(state.serialized) else set()
+        self._swap(built, masked)
+
+    def _swap(self, built: BuiltIndex, masked: set[int]) -> int:
+        """Put built in place of the index, on the device, with masked as its mask; return the old mask's size."""
         device_index = None if built.index is None else self._on_device(built.index)
+        ascend = device_index is None or not _has_id_map(device_index) or _ascending(_id_map_view(device_index))
         with self._lock.writing():
-            self._index, self._layout = device_index, built.layout
-            self._ids_ascend = self._index is None or not _has_id_map(self._index) or _ascending(_id_map_view(self._index))
-            self._masked = {int(row_id) for row_id in state.masked} if len(state.serialized) else set()
+            dropped = len(self._masked)
+            self._index, self._layout, self._masked, self._ids_ascend = device_index, built.layout, masked, ascend
+        return dropped
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the row ids (int64, (n,)) and vectors (float32, (n, dim)) in the index, masked ones left out.
