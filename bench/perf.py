@@ -236,6 +236,7 @@ class Benchmark:
         started = time.perf_counter()
         perf_data.fill_store(data_dir, vectors)
         self.details["large_fill_store_s"] = round(time.perf_counter() - started, 1)
+
         empty_rss = self._empty_rss()
         with self._index_service(data_dir, kind="flat"):
             pass  # The first start builds the index from the store; stopping writes the snapshot.
@@ -248,6 +249,7 @@ class Benchmark:
             raw = perf_search.raw_flat_index(vectors)
             overhead = self._overhead(_size(n), raw, _stub(service.addr), queries[: self.sizes.large_latency_queries])
             batch = perf_search.batch_qps(lambda xq: raw.search(xq, _K), _stub(service.addr), queries, _K, rounds=3)
+
         self.figures.append(at_least(f"SearchStream QPS / raw faiss batch QPS at {_size(n)}",
                                      batch["ours_qps"] / batch["raw_qps"], 0.9,
                                      note=f"{len(queries)} queries in one stream and in one faiss call"))

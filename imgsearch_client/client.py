@@ -148,8 +148,8 @@ class SearchQuery:
 class ItemFilter:
     """Conditions on the items a search or audit may return, all of which must hold.
 
-    where maps a metadata key to the values it may have; an empty tuple asks only that the key is
-    present. uri_prefixes, when not empty, asks that the item's uri starts with one of them, for
+    where maps a metadata key to the values it may have, and an empty tuple requires only that the key
+    is present. uri_prefixes, when not empty, requires that the item's uri starts with one of them, for
     example a source folder.
     """
 

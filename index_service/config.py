@@ -77,9 +77,9 @@ class IndexConfig:
     max_metadata_value_bytes: int = 4096
     # HTTP address, as host:port, that serves Prometheus metrics at /metrics. Empty: no metrics server.
     metrics_listen: str = ""
-    # The vector index (see index_service.index_layout): kind auto, flat, ivf or hnsw; encoding float32,
-    # fp16 or sq8; auto turns IVF at ivf_min_items; nlist 0 is about 4 * sqrt(items); nprobe and ef_search
-    # are the defaults of searches that set none; at most train_items vectors train an index.
+    # The vector index (see index_service.index_layout). Kind is auto, flat, ivf or hnsw, and encoding
+    # float32, fp16 or sq8. Auto turns IVF at ivf_min_items. nlist 0 means about 4 * sqrt(items). nprobe
+    # and ef_search are the defaults of searches that set none. At most train_items vectors train an index.
     index_kind: str = "auto"
     index_encoding: str = "float32"
     ivf_min_items: int = 100_000

@@ -14,7 +14,7 @@ MAX_VALUES_PER_CONDITION = 1024
 
 @dataclasses.dataclass(frozen=True)
 class MetadataCondition:
-    """The item's metadata value for key must equal one of any_of; an empty any_of asks only that key is present."""
+    """The item's metadata value for key must equal one of any_of; an empty any_of requires only that key is present."""
 
     key: str
     any_of: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ import numpy as np
 KINDS = ("auto", "flat", "ivf", "hnsw")
 ENCODINGS = ("float32", "fp16", "sq8")
 _SCALAR_TYPES = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
-# Fewest vectors that train an IVF index or an sq8 encoding; below it the index stays flat float32.
+# Minimum number of vectors that train an IVF index or an sq8 encoding. Below it the index stays flat float32.
 MIN_TRAINING_ITEMS = 1000
 # faiss's k-means wants at least this many training vectors per list (it warns below 39).
 _TRAINING_ITEMS_PER_LIST = 39
@@ -104,10 +104,10 @@ class IndexSpec:
         return Layout(kind, encoding, 0, self.hnsw_m if kind == "hnsw" else 0, trained)
 
     def wants_rebuild(self, current: Layout, item_count: int) -> bool:
-        """Whether an index of layout current should be rebuilt now that it holds item_count vectors.
+        """Return whether an index of layout current should be rebuilt now that it contains item_count vectors.
 
         True when the kind or encoding should change, when an IVF index should have at least twice
-        its lists, or when four times its training set is now at hand.
+        its lists, or when four times its training set is now available.
         """
         target = self.layout_for(item_count)
         if (target.kind, target.encoding) != (current.kind, current.encoding):
@@ -123,15 +123,15 @@ class IndexSpec:
         return self.ef_search if layout.kind == "hnsw" else 0
 
     def _nlist_for(self, trained_items: int, item_count: int) -> int:
-        wanted = self.nlist or round(4 * math.sqrt(item_count))
-        return max(1, min(wanted, trained_items // _TRAINING_ITEMS_PER_LIST, _MAX_NLIST))
+        requested = self.nlist or round(4 * math.sqrt(item_count))
+        return max(1, min(requested, trained_items // _TRAINING_ITEMS_PER_LIST, _MAX_NLIST))
 
 
 def new_index(layout: Layout, dim: int, training: np.ndarray | None = None):
     """Return an empty CPU faiss index of layout for vectors of dim, trained on training when it needs it.
 
-    Flat and HNSW indexes sit in an IndexIDMap, whose ids stay in ascending order because row ids
-    only grow and removal keeps the order; vector_index looks vectors up by binary search over
+    Flat and HNSW indexes sit in an IndexIDMap. Its ids stay in ascending order, because row ids
+    only grow and removal keeps the order, so vector_index looks vectors up by binary search over
     them. IndexIDMap2's hash map would do the same, but building it for a million vectors took 4 s.
 
     Raises ValueError when a layout that needs training gets fewer than its trained_items vectors.

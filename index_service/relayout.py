@@ -15,7 +15,7 @@ log = structlog.get_logger(__name__)
 class Relayout:
     """Builds the wanted layout from the store on a thread, then replays what changed meanwhile and swaps it in.
 
-    Searches and ingest go on while the new index is built and trained; adds and removals wait
+    Searches and ingest go on while the new index is built and trained. Adds and removals wait
     only for the replay and the swap, which take the commit lock. on_installed runs under that
     lock after the swap. A failed build is logged, and none is tried again until a restart.
     """

@@ -25,7 +25,7 @@ class IndexQuery:
 
 
 class _Waiter:
-    """A caller's queries and the event that tells it that their hits are ready, or that it must lead."""
+    """A caller's queries, and the event that signals that their hits are ready or that the caller must lead."""
 
     def __init__(self, queries: Sequence[IndexQuery]):
         self.queries = list(queries)
@@ -39,7 +39,7 @@ class SearchBatcher:
     """Searches the vector index for many callers at once, without a thread of its own.
 
     A caller that finds no search running searches at once, with whatever queries are waiting
-    (its own among them). Callers that arrive meanwhile wait; when the running search ends, the
+    (its own among them). Callers that arrive meanwhile wait. When the running search ends, the
     first of them leads the next search, for all queries that have gathered by then. A lone query
     therefore waits for nothing, and under load the queries of many callers share each faiss call.
     """

@@ -255,7 +255,7 @@ def test_inference_client_deadline_exceeded(start_service):
         started = time.monotonic()
         try:
             [response] = service.embed([_request(solid_png(20, 20, (5, 5, 5)), "slow")], timeout=0.5)
-            # The server may give up first, within the deadline that it was sent, and answer per item.
+            # The server may stop first, within the deadline that it was sent, and fail the item alone.
             code_name = response.error.code_name
         except grpc.RpcError as error:
             code_name = error.code().name

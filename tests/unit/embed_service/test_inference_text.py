@@ -89,7 +89,7 @@ def test_long_text_cut_before_sending(standin, make_embedder):
 
 
 def test_standin_rejects_long_text_like_server(standin):
-    # Without the cut, the server answers 400; this checks the stand-in, so that the test above can fail.
+    # Without the cut, the server returns 400. This checks that the stand-in does too, so that the test above can fail.
     text = " ".join(f"word{index}" for index in range(150))
 
     response = requests.post(standin.url + EMBED_TEXT_PATH, json={"text": text}, timeout=5)

@@ -2,7 +2,7 @@
 
 Each model takes `input_ids` of shape (batch, context), and optionally `attention_mask` of the same
 shape, and returns the first `dim` ids as floats, plus the mask's first `dim` values when it takes
-one. So the direction of the embedding tells which ids and mask the embedder fed in.
+one. So the direction of the embedding shows which ids and mask the embedder fed in.
 """
 
 from pathlib import Path
@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
 _OPSET = 17
-# ONNX Runtime rejects IR versions newer than it knows. 1.20, the oldest allowed here, reads IR 8.
+# ONNX Runtime rejects IR versions newer than it supports. 1.20, the oldest allowed here, reads IR 8.
 _IR_VERSION = 8
 
 

@@ -113,7 +113,7 @@ def test_search_returns_k_items_that_pass(collection, vectors):
     assert len(found) == 10
 
 
-def test_filtered_search_ranks_like_exact_search_over_the_passing_items(collection, vectors):
+def test_filtered_search_matches_exact_search(collection, vectors):
     _fill(collection, vectors)
     blue = ItemFilter(metadata=(MetadataCondition("colour", ("blue",)),))
     passing = np.array(_matching(blue))

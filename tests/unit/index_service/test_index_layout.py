@@ -15,7 +15,7 @@ def test_auto_is_flat_until_ivf_min_items():
     assert spec.layout_for(10_000).kind == "ivf"
 
 
-def test_nlist_grows_with_the_square_root_of_the_size():
+def test_nlist_grows_with_square_root():
     spec = IndexSpec(kind="ivf", train_items=1_000_000)
 
     assert spec.layout_for(10_000).nlist == 256  # limited to 39 training vectors per list
@@ -30,7 +30,7 @@ def test_training_size_is_capped_and_limits_nlist():
     assert layout.nlist == 1000
 
 
-def test_forced_ivf_and_sq8_wait_for_enough_training_vectors():
+def test_forced_kinds_wait_for_training_vectors():
     assert IndexSpec(kind="ivf").layout_for(MIN_TRAINING_ITEMS - 1) == Layout("flat", "float32")
     assert IndexSpec(kind="flat", encoding="sq8").layout_for(MIN_TRAINING_ITEMS - 1).encoding == "float32"
     assert IndexSpec(kind="flat", encoding="sq8").layout_for(MIN_TRAINING_ITEMS).encoding == "sq8"

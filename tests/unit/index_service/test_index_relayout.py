@@ -101,7 +101,7 @@ def test_restart_loads_the_trained_index_from_the_snapshot(tmp_path, vectors):
     reopened.close()
 
 
-def test_a_changed_spec_rebuilds_at_start(tmp_path, vectors):
+def test_changed_spec_rebuilds_at_start(tmp_path, vectors):
     collection, _ = _open(tmp_path)
     _ingest(collection, vectors, 0, 1200)
     assert collection.wait_for_relayout(timeout_s=30)

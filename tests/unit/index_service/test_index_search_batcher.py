@@ -51,7 +51,7 @@ def test_lone_query_is_searched_at_once(index, vectors):
     assert hits == index.search(vectors[3:4], 4)[0]
 
 
-def test_queries_arriving_during_a_search_share_the_next_call(index, vectors):
+def test_batcher_late_queries_share_one_call(index, vectors):
     counting = _CountingIndex(index, hold_first=True)
     batcher = SearchBatcher(counting)
     results = {}
@@ -92,7 +92,7 @@ def test_different_efforts_are_searched_apart(index, vectors):
     assert sorted(counting.calls) == [1, 2]
 
 
-def test_an_index_error_reaches_every_caller_of_the_call(index):
+def test_batcher_index_error_reaches_callers(index):
     with pytest.raises(ValueError, match="queries have dim 3"):
         SearchBatcher(index).search([IndexQuery(np.ones(3, dtype=np.float32), k=2)])
 

@@ -129,7 +129,7 @@ def test_sq8_vectors_are_close_to_the_originals(database):
     assert index.memory_bytes < _built(IndexSpec(kind="flat"), database[:2000]).memory_bytes
 
 
-def test_arrays_of_an_ivf_index_cover_every_row_id(database):
+def test_ivf_arrays_cover_every_row_id(database):
     index = _built(IndexSpec(kind="ivf"), database[:2000])
 
     row_ids, vectors = index.arrays()
